@@ -1,0 +1,99 @@
+"""The library's front door: `average` a series of checkpoints into one file.
+
+Example:
+    import ckptavg
+
+    ckptavg.average(
+        ["run/step_1000.safetensors", "run/step_2000.safetensors"],
+        ckptavg.ema(decay=0.9),
+        out="ema.safetensors",
+    )
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from .errors import OutputError
+from .plan import Plan, build_plan
+from .readers import Checkpoint, open_checkpoint
+from .schedules import Schedule
+from .sources import resolve_sources
+from .writer import INDEX_NAME, OutputTransaction, ensure_free_space
+
+
+@contextmanager
+def open_checkpoints(specs: Sequence[str | os.PathLike], *, keep_order: bool = False) -> Iterator[list[Checkpoint]]:
+    """Resolve specs (files, folders, quoted globs) and open each checkpoint, headers only."""
+    with ExitStack() as stack:
+        yield [stack.enter_context(open_checkpoint(path)) for path in resolve_sources(specs, keep_order=keep_order)]
+
+
+def average(
+    inputs: Sequence[str | os.PathLike],
+    schedule: Schedule,
+    out: str | os.PathLike,
+    *,
+    keep_order: bool = False,
+    dtype: str | None = None,
+    accum_dtype: str = "float32",
+    device: str = "cpu",
+    max_shard_size: int | str | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> Plan:
+    """Average checkpoints into `out`, streaming: memory stays flat whatever the model size.
+
+    Args:
+        inputs: `.safetensors` files, folders holding one checkpoint, or glob patterns;
+            sorted naturally (`step_2` before `step_10`) unless `keep_order`.
+        schedule: `ckptavg.swa()`, `ckptavg.ema(decay)` or `ckptavg.weighted([...])`.
+        out: a `.safetensors` file, or a folder (ending in `/`) for Hugging Face shards.
+        dtype: output dtype of floating tensors; default: as in the first checkpoint.
+        accum_dtype: `float32`, or `float64` for extra precision.
+        device: `cpu`, `cuda`, `cuda:N` or `auto`; where the sums are computed.
+        max_shard_size: largest output file, e.g. `"5GB"` (folder outputs).
+        force: replace an existing output.
+        progress: show a progress bar over the bytes read.
+
+    Returns:
+        The plan that was carried out (weights, tensors, output files).
+
+    Raises:
+        CkptavgError: a bad input or output, with a one-line message naming the file and tensor.
+    """
+    with open_checkpoints(inputs, keep_order=keep_order) as checkpoints:
+        plan = build_plan(checkpoints, schedule, output=out, dtype=dtype, accum_dtype=accum_dtype,
+                          max_shard_size=max_shard_size, force=force)
+        run_plan(plan, device=device, progress=progress)
+        return plan
+
+
+def run_plan(plan: Plan, *, device: str = "cpu", progress: bool = False) -> Path:
+    """Compute and write a planned output; returns its path. Nothing is left behind on failure."""
+    from tqdm.auto import tqdm
+
+    from .engine import Engine, resolve_device
+
+    if plan.output is None:
+        raise OutputError("the plan has no output; pass out= to build_plan")
+    ensure_free_space(plan.output, plan.output_nbytes)
+    metadata = plan.metadata()
+    with tqdm(total=plan.bytes_to_read, unit="B", unit_scale=True, unit_divisor=1000,
+              desc=plan.schedule.method, disable=not progress, leave=False) as bar:
+        engine = Engine(plan, resolve_device(device), on_read=bar.update)
+        with OutputTransaction(plan.output, folder=plan.folder, force=plan.force) as output:
+            for file in plan.files:
+                writer = output.safetensors(file.name, [t.entry for t in file.tensors], metadata)
+                for tensor in file.tensors:
+                    for chunk in engine.chunks(tensor):
+                        writer.write(chunk)
+                writer.finish()
+            index = plan.index()
+            if index is not None:
+                output.write_json(INDEX_NAME, index)
+            output.commit()
+    return plan.output

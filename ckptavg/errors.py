@@ -1,0 +1,22 @@
+"""Error types. Every failure a user can cause is a `CkptavgError` whose message
+is one complete line: the file, the tensor, the cause and what to do."""
+
+
+class CkptavgError(Exception):
+    """Base class: the CLI prints the message as one line and exits non-zero."""
+
+
+class InputError(CkptavgError):
+    """An input is missing, unreadable or not a checkpoint ckptavg can read."""
+
+
+class MismatchError(CkptavgError):
+    """The inputs are not checkpoints of the same model (names, shapes or kinds differ)."""
+
+
+class OutputError(CkptavgError):
+    """The output cannot be written where or how it was asked for."""
+
+
+class ScheduleError(CkptavgError):
+    """A weight schedule got parameters it cannot work with."""

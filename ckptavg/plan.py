@@ -1,0 +1,325 @@
+"""The plan: everything decided before the first tensor byte is read.
+
+`build_plan` checks the inputs against each other (same names, same shapes,
+same kind of dtype) using headers only, so a mistake in a 20 GB run is reported
+in a second; computes the weights; decides each output tensor's dtype and
+whether it is averaged or copied; lays out the output files; and checks that
+the output may be written. `--dry-run` prints the plan and stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+
+from . import __version__, dtypes
+from .errors import MismatchError, OutputError
+from .readers import Checkpoint
+from .schedules import Schedule
+from .units import format_bytes, parse_size
+from .writer import (
+    INDEX_NAME,
+    SHARD_NAME,
+    SINGLE_FILE_NAME,
+    Entry,
+    check_target,
+    layout_order,
+)
+
+# Elements per chunk of a large tensor: working memory is a few chunks, whatever the model size.
+CHUNK_ELEMENTS = 8 * 2**20
+DEFAULT_FOLDER_SHARD_SIZE = "50GB"
+_SHOWN_NAMES = 5
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: averaged over every checkpoint, or copied from the last."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    averaged: bool
+
+    @property
+    def entry(self) -> Entry:
+        return Entry(self.name, self.dtype, self.shape)
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One file of the output: a single `.safetensors`, or one shard of a folder."""
+
+    name: str
+    tensors: tuple[TensorPlan, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.entry.nbytes for t in self.tensors)
+
+
+@dataclass
+class Plan:
+    """What a run will do; `describe()` is the `--dry-run` report."""
+
+    checkpoints: list[Checkpoint]
+    schedule: Schedule
+    weights: list[float]
+    tensors: list[TensorPlan]
+    accum_dtype: str
+    output: Path | None = None
+    folder: bool = False
+    files: list[OutputFile] = field(default_factory=list)
+    force: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def last(self) -> Checkpoint:
+        return self.checkpoints[-1]
+
+    @property
+    def output_nbytes(self) -> int:
+        return sum(t.entry.nbytes for t in self.tensors)
+
+    @property
+    def bytes_to_read(self) -> int:
+        """Input bytes the engine reads: averaged tensors from every checkpoint, copies from the last."""
+        total = 0
+        for tensor in self.tensors:
+            sources = self.checkpoints if tensor.averaged else [self.last]
+            total += sum(ck.tensors[tensor.name].nbytes for ck in sources)
+        return total
+
+    @property
+    def working_bytes(self) -> int:
+        """Buffers the engine allocates: accumulator, cast scratch and output chunk."""
+        largest = max((t.numel for t in self.tensors if t.averaged), default=0)
+        elements = min(largest, CHUNK_ELEMENTS)
+        out_size = max((dtypes.itemsize(t.dtype) for t in self.tensors if t.averaged), default=0)
+        return elements * (2 * dtypes.itemsize(self.accum_dtype) + out_size)
+
+    def metadata(self) -> dict[str, str]:
+        """Provenance stored in the output's `__metadata__` (all values are strings)."""
+        return {
+            "format": self.checkpoints[0].metadata.get("format", "pt"),
+            "ckptavg.version": __version__,
+            "ckptavg.method": self.schedule.method,
+            "ckptavg.params": json.dumps(self.schedule.params()),
+            "ckptavg.accum_dtype": _user_dtype(self.accum_dtype),
+            "ckptavg.inputs": json.dumps(
+                [{"path": str(ck.path), "weight": w} for ck, w in zip(self.checkpoints, self.weights)]
+            ),
+        }
+
+    def index(self) -> dict | None:
+        """The Hugging Face shard index, when the output has more than one file."""
+        if len(self.files) < 2:
+            return None
+        return {
+            "metadata": {"total_size": self.output_nbytes, **self.metadata()},
+            "weight_map": dict(sorted((t.name, f.name) for f in self.files for t in f.tensors)),
+        }
+
+    def describe(self) -> list[str]:
+        """Human-readable lines: the weight of every checkpoint, sizes, layout and memory."""
+        params = ", ".join(f"{k}={v}" for k, v in self.schedule.params().items())
+        lines = [f"{self.schedule.method}{f' ({params})' if params else ''} over {len(self.checkpoints)} "
+                 f"checkpoint{'s' if len(self.checkpoints) != 1 else ''}, oldest first:"]
+        heaviest = max(self.weights)
+        for i, (ck, w) in enumerate(zip(self.checkpoints, self.weights), 1):
+            bar = "█" * max(1 if w > 0 else 0, round(20 * w / heaviest)) if heaviest > 0 else ""
+            lines.append(f"  {i:>3}  {w:8.4f}  {bar:<20}  {ck.path}")
+        averaged = [t for t in self.tensors if t.averaged]
+        copied = len(self.tensors) - len(averaged)
+        numel = sum(ck_info.numel for ck_info in self.checkpoints[0].tensors.values())
+        lines.append(
+            f"tensors:    {len(self.tensors)} ({len(averaged)} averaged in "
+            f"{_user_dtype(self.accum_dtype)}"
+            + (f", {copied} integer/bool copied from the last checkpoint)" if copied else ")")
+        )
+        lines.append(f"parameters: {numel:,}")
+        lines.append(f"input:      {format_bytes(sum(ck.nbytes for ck in self.checkpoints))} in "
+                     f"{len(self.checkpoints)} checkpoints, {format_bytes(self.bytes_to_read)} to read")
+        out_dtypes = _count_dtypes(self.tensors)
+        lines.append(f"output:     {format_bytes(self.output_nbytes)}, {out_dtypes}")
+        if self.output is not None:
+            if self.folder:
+                what = ", ".join(f.name for f in self.files[:3]) + (", ..." if len(self.files) > 3 else "")
+                index = f" + {INDEX_NAME}" if len(self.files) > 1 else ""
+                lines.append(f"writes:     {self.output}{os.sep} ({len(self.files)} file"
+                             f"{'s' if len(self.files) != 1 else ''}: {what}{index})")
+            else:
+                lines.append(f"writes:     {self.output}")
+        lines.append(f"memory:     ~{format_bytes(self.working_bytes)} of buffers "
+                     f"(chunks of {CHUNK_ELEMENTS // 2**20}M elements, whatever the model size)")
+        return lines
+
+
+def build_plan(
+    checkpoints: Sequence[Checkpoint],
+    schedule: Schedule,
+    *,
+    output: str | os.PathLike | None = None,
+    dtype: str | None = None,
+    accum_dtype: str = "float32",
+    max_shard_size: int | str | None = None,
+    force: bool = False,
+) -> Plan:
+    """Validate the inputs and decide everything a run will do, reading headers only.
+
+    Args:
+        checkpoints: opened inputs, in averaging order (oldest first).
+        schedule: the method, e.g. `schedules.ema(0.99)`.
+        output: a `.safetensors` file, or a folder (ending in `/`, or existing) for shards.
+        dtype: output dtype of averaged tensors (`float32`, `bfloat16`, `float16`);
+            default: each tensor's dtype in the first checkpoint.
+        accum_dtype: `float32`, or `float64` for extra precision.
+        max_shard_size: largest output file, e.g. `"5GB"`; implies a folder output.
+        force: replace an existing output.
+
+    Raises:
+        MismatchError: the checkpoints do not hold the same tensors with the same shapes.
+        OutputError: the output exists (without `force`), is an input, or cannot be laid out.
+        ScheduleError: the schedule does not fit the number of checkpoints.
+    """
+    checkpoints = list(checkpoints)
+    weights = schedule.weights(len(checkpoints))
+    _check_same_model(checkpoints)
+    out_dtype = _dtype_name(dtype, "--dtype") if dtype else None
+    accum = _dtype_name(accum_dtype, "--accum-dtype")
+    if accum not in ("F32", "F64"):
+        raise OutputError(f"--accum-dtype must be float32 or float64, got {accum_dtype}")
+    first, last = checkpoints[0], checkpoints[-1]
+    averaging = len(checkpoints) > 1
+    tensors = [
+        TensorPlan(name, info.shape, out_dtype or info.dtype, averaged=averaging)
+        if info.is_floating
+        else TensorPlan(name, info.shape, last.tensors[name].dtype, averaged=False)
+        for name, info in first.tensors.items()
+    ]
+    order = {entry.name: i for i, entry in enumerate(layout_order(t.entry for t in tensors))}
+    tensors.sort(key=lambda t: order[t.name])
+    plan = Plan(list(checkpoints), schedule, weights, tensors, accum, force=force)
+    plan.warnings.extend(schedule.warnings(len(checkpoints)))
+    plan.warnings.extend(_duplicate_warnings(checkpoints))
+    if len(checkpoints) == 1:
+        plan.warnings.append(f"only one checkpoint ({first.path}): the output is a copy of it")
+    if output is not None:
+        _lay_out(plan, output, max_shard_size)
+    return plan
+
+
+def _check_same_model(checkpoints: Sequence[Checkpoint]) -> None:
+    reference = checkpoints[0]
+    ref_names = reference.tensors.keys()
+    for ck in checkpoints[1:]:
+        missing = sorted(ref_names - ck.tensors.keys())
+        extra = sorted(ck.tensors.keys() - ref_names)
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"lacks {len(missing)} tensor{'s' if len(missing) > 1 else ''} of "
+                             f"{reference.path} ({_names(missing)})")
+            if extra:
+                parts.append(f"has {len(extra)} tensor{'s' if len(extra) > 1 else ''} that "
+                             f"{reference.path} lacks ({_names(extra)})")
+            raise MismatchError(f"{ck.path}: {' and '.join(parts)}; average only checkpoints of the same model")
+        for name, info in reference.tensors.items():
+            other = ck.tensors[name]
+            if other.shape != info.shape:
+                raise MismatchError(
+                    f"{ck.path}: tensor '{name}' has shape {_shape(other.shape)}, expected "
+                    f"{_shape(info.shape)} as in {reference.path}; average only checkpoints of the same model"
+                )
+            if other.is_floating != info.is_floating:
+                raise MismatchError(
+                    f"{ck.path}: tensor '{name}' is {other.dtype} but {info.dtype} in {reference.path}; "
+                    "a floating tensor cannot be averaged with an integer one"
+                )
+
+
+def _lay_out(plan: Plan, output: str | os.PathLike, max_shard_size: int | str | None) -> None:
+    text = os.fspath(output)
+    target = Path(text)
+    folder = text.endswith(("/", os.sep)) or target.is_dir()
+    if not folder and max_shard_size is not None:
+        raise OutputError(f"{target}: --max-shard-size writes shards into a folder; give -o {target.with_suffix('')}/")
+    if not folder and target.suffix != ".safetensors":
+        raise OutputError(f"{target}: give a file ending in .safetensors, or a folder ending in '/'")
+    _refuse_input_as_output(plan.checkpoints, target, folder)
+    check_target(target, folder=folder, force=plan.force)
+    plan.output, plan.folder = target, folder
+    if not folder:
+        plan.files = [OutputFile(target.name, tuple(plan.tensors))]
+        return
+    limit = parse_size(max_shard_size if max_shard_size is not None else DEFAULT_FOLDER_SHARD_SIZE)
+    shards: list[list[TensorPlan]] = [[]]
+    size = 0
+    for tensor in plan.tensors:
+        nbytes = tensor.entry.nbytes
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += nbytes
+    if len(shards) == 1:
+        plan.files = [OutputFile(SINGLE_FILE_NAME, tuple(shards[0]))]
+    else:
+        count = len(shards)
+        plan.files = [OutputFile(SHARD_NAME.format(index=i, count=count), tuple(s))
+                      for i, s in enumerate(shards, 1)]
+
+
+def _refuse_input_as_output(checkpoints: Sequence[Checkpoint], target: Path, folder: bool) -> None:
+    resolved = target.resolve()
+    for ck in checkpoints:
+        for source in ck.files:
+            source_resolved = source.resolve()
+            if source_resolved == resolved or (folder and source_resolved.parent == resolved):
+                raise OutputError(f"{target}: is an input ({ck.path}); write the output elsewhere")
+
+
+def _duplicate_warnings(checkpoints: Sequence[Checkpoint]) -> list[str]:
+    seen: dict[Path, Path] = {}
+    warnings = []
+    for ck in checkpoints:
+        real = ck.path.resolve()
+        if real in seen:
+            warnings.append(f"{ck.path} is given twice (also as {seen[real]}): it counts twice")
+        seen.setdefault(real, ck.path)
+    return warnings
+
+
+def _dtype_name(name: str, option: str) -> str:
+    if name in dtypes.USER_DTYPE_NAMES:
+        return dtypes.USER_DTYPE_NAMES[name]
+    choices = ", ".join(dtypes.USER_DTYPE_NAMES)
+    raise OutputError(f"{option} must be one of {choices}; got {name}")
+
+
+def _user_dtype(dtype: str) -> str:
+    return next((user for user, st in dtypes.USER_DTYPE_NAMES.items() if st == dtype), dtype)
+
+
+def _count_dtypes(tensors: Sequence[TensorPlan]) -> str:
+    counts: dict[str, int] = {}
+    for t in tensors:
+        counts[t.dtype] = counts.get(t.dtype, 0) + 1
+    return ", ".join(f"{n} {d}" for d, n in counts.items())
+
+
+def _names(names: Sequence[str]) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:_SHOWN_NAMES])
+    return shown + (f" and {len(names) - _SHOWN_NAMES} more" if len(names) > _SHOWN_NAMES else "")
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"

@@ -1,0 +1,238 @@
+"""Streaming safetensors writer and the atomic commit of an output.
+
+`safetensors` can only save a dict held entirely in memory, so this module
+writes the format itself: the header first (every offset is known from the
+plan), then each tensor's bytes as soon as they are computed. Tensors are laid
+out as `safetensors` lays them out (largest dtype first, then by name, header
+padded to 8 bytes), which keeps every tensor aligned for zero-copy loading.
+
+Everything is written under a temporary name in the target folder, fsynced,
+and renamed into place only on success; on any failure, or Ctrl-C, the
+temporary files are removed and an existing output is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import dtypes
+from .errors import OutputError
+from .units import format_bytes
+
+HEADER_ALIGNMENT = 8
+TEMP_MARKER = ".ckptavg-tmp"
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_FILE_NAME = "model.safetensors"
+SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
+# The only files an existing output folder may hold for --force to replace it whole.
+_REPLACEABLE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$|^model\.safetensors\.index\.json$")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of an output file, in write order."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return dtypes.TensorInfo(self.dtype, self.shape).nbytes
+
+
+def layout_order(entries: Iterable[Entry]) -> list[Entry]:
+    """The order `safetensors.save_file` uses (by its dtype rank, then name): larger dtypes first."""
+    return sorted(entries, key=lambda e: (-dtypes.layout_rank(e.dtype), e.name))
+
+
+def encode_header(entries: Sequence[Entry], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length prefix and padded JSON header for tensors written in `entries` order."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for entry in entries:
+        header[entry.name] = {
+            "dtype": entry.dtype,
+            "shape": list(entry.shape),
+            "data_offsets": [offset, offset + entry.nbytes],
+        }
+        offset += entry.nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % HEADER_ALIGNMENT)
+    return struct.pack("<Q", len(text)) + text
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file sequentially: `write` each tensor's bytes in entry order."""
+
+    def __init__(self, path: Path, entries: Sequence[Entry], metadata: dict[str, str]):
+        self.path = path
+        self._expected = sum(entry.nbytes for entry in entries)
+        self._written = 0
+        self._file = open(path, "xb", buffering=0)  # noqa: SIM115 (closed in finish/abort)
+        self._write_all(memoryview(encode_header(entries, metadata)))
+
+    def write(self, tensor) -> None:
+        """Append a contiguous CPU tensor's bytes (any dtype, any shape)."""
+        if tensor.numel() == 0:
+            return
+        import torch
+
+        raw = tensor.reshape(-1).view(torch.uint8).numpy()
+        self._written += raw.nbytes
+        if self._written > self._expected:
+            raise OutputError(f"{self.path}: more data than the header declares (internal error)")
+        self._write_all(memoryview(raw))
+
+    def finish(self) -> None:
+        """Check every declared byte was written, then flush to disk."""
+        if self._written != self._expected:
+            raise OutputError(
+                f"{self.path}: wrote {self._written} of {self._expected} data bytes (internal error)"
+            )
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def abort(self) -> None:
+        self._file.close()
+
+    def _write_all(self, data: memoryview) -> None:
+        while data:
+            try:
+                count = self._file.write(data)
+            except OSError as e:
+                raise OutputError(f"{self.path}: write failed: {e.strerror or e}") from e
+            data = data[count:]
+
+
+class OutputTransaction:
+    """Makes an output file or folder appear whole, or not at all.
+
+    Files are created under a temporary path next to `target` (same file
+    system, so the final rename is atomic) and moved into place by `commit`.
+    Leaving the `with` block without `commit` removes them.
+    """
+
+    def __init__(self, target: Path, *, folder: bool, force: bool = False):
+        self.target = target
+        self.folder = folder
+        self.force = force
+        check_target(target, folder=folder, force=force)
+        self._temp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}{TEMP_MARKER}"
+        self._writers: list[SafetensorsWriter] = []
+        self._committed = False
+
+    def __enter__(self) -> OutputTransaction:
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            if self.folder:
+                self._temp.mkdir()
+        except OSError as e:
+            raise OutputError(f"{self.target}: cannot create the output here: {e.strerror or e}") from e
+        return self
+
+    def path_of(self, name: str) -> Path:
+        """Where to write file `name` of the output (a temporary path until commit)."""
+        return self._temp / name if self.folder else self._temp
+
+    def safetensors(self, name: str, entries: Sequence[Entry], metadata: dict[str, str]) -> SafetensorsWriter:
+        try:
+            writer = SafetensorsWriter(self.path_of(name), entries, metadata)
+        except OSError as e:
+            raise OutputError(f"{self.target}: cannot create {name}: {e.strerror or e}") from e
+        self._writers.append(writer)
+        return writer
+
+    def write_json(self, name: str, content: dict) -> None:
+        path = self.path_of(name)
+        with open(path, "x", encoding="utf-8") as f:
+            json.dump(content, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def commit(self) -> None:
+        """Move the finished output into place; an old one is removed only after that."""
+        if self.folder:
+            _fsync_dir(self._temp)
+            old = None
+            if self.target.exists():
+                old = self.target.parent / f".{self.target.name}.{uuid.uuid4().hex[:8]}.old{TEMP_MARKER}"
+                os.rename(self.target, old)
+            os.rename(self._temp, self.target)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self._temp, self.target)
+        _fsync_dir(self.target.parent)
+        self._committed = True
+
+    def __exit__(self, *exc) -> None:
+        if self._committed:
+            return
+        for writer in self._writers:
+            writer.abort()
+        if self.folder:
+            shutil.rmtree(self._temp, ignore_errors=True)
+        else:
+            self._temp.unlink(missing_ok=True)
+
+
+def check_target(target: Path, *, folder: bool, force: bool) -> None:
+    """Refuse an output that would replace something without `force`, or that is not ours to replace.
+
+    Raises:
+        OutputError: with what to do instead.
+    """
+    if not target.exists() and not target.is_symlink():
+        return
+    if folder:
+        if not target.is_dir():
+            raise OutputError(f"{target}: exists and is not a folder; choose another output folder")
+        contents = list(target.iterdir())
+        if not contents:
+            return
+        others = [p.name for p in contents if not p.is_file() or not _REPLACEABLE.match(p.name)]
+        if others:
+            raise OutputError(
+                f"{target}: holds files that ckptavg did not write ({', '.join(sorted(others)[:3])}); "
+                "write to a new or empty folder"
+            )
+        if not force:
+            raise OutputError(f"{target}: already holds a checkpoint; pass --force to replace it")
+        return
+    if target.is_dir():
+        raise OutputError(f"{target}: is a folder; for a folder output end the path with '/'")
+    if not force:
+        raise OutputError(f"{target}: already exists; pass --force to replace it")
+
+
+def ensure_free_space(target: Path, nbytes: int) -> None:
+    """Fail before writing when the output cannot fit on its file system."""
+    probe = target.parent
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if nbytes > free:
+        raise OutputError(
+            f"{target}: needs {format_bytes(nbytes)} but only {format_bytes(free)} is free there; "
+            "free some space or write elsewhere"
+        )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,68 @@
+"""Fixtures: tiny seeded checkpoints of a real model with BatchNorm, written with safetensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+
+class SmallNet(nn.Module):
+    """A conv, a BatchNorm (float running stats, int64 num_batches_tracked) and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+def perturbed_states(count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """`count` state dicts of SmallNet, as if saved along a training run."""
+    torch.manual_seed(seed)
+    model = SmallNet()
+    states = []
+    for step in range(count):
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.add_(torch.randn_like(tensor) * 0.1)
+            model.bn.running_var.abs_()
+            model.bn.num_batches_tracked.fill_(100 * (step + 1))
+        states.append({k: v.clone().contiguous() for k, v in model.state_dict().items()})
+    return states
+
+
+def save_series(folder: Path, states, *, dtype: torch.dtype | None = None, name="step_{}") -> list[Path]:
+    """Save states as `step_1.safetensors`, ... (optionally casting floating tensors)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, state in enumerate(states, 1):
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        path = folder / f"{name.format(i)}.safetensors"
+        save_file(state, path, metadata={"format": "pt"})
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def states():
+    return perturbed_states(5)
+
+
+@pytest.fixture
+def series(tmp_path, states) -> list[Path]:
+    """Five fp32 checkpoints of SmallNet in tmp_path/ckpts, step_1 ... step_5."""
+    return save_series(tmp_path / "ckpts", states)
+
+
+def temp_files(folder: Path) -> list[Path]:
+    """Leftovers of an output transaction anywhere under `folder`."""
+    return [p for p in folder.rglob("*") if ".ckptavg-tmp" in p.name]

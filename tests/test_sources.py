@@ -1,0 +1,70 @@
+import pytest
+
+from ckptavg.errors import InputError
+from ckptavg.sources import natural_key, resolve_sources
+
+
+def touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+class TestResolveSources:
+    def test_natural_order_whatever_the_given_order(self, tmp_path):
+        paths = [touch(tmp_path / f"step_{n}.safetensors") for n in (10, 2, 1)]
+        assert resolve_sources(paths) == [paths[2], paths[1], paths[0]]
+
+    def test_keep_order(self, tmp_path):
+        paths = [touch(tmp_path / f"step_{n}.safetensors") for n in (10, 2)]
+        assert resolve_sources(paths, keep_order=True) == paths
+
+    def test_quoted_glob_is_expanded(self, tmp_path):
+        for n in (1, 2, 10):
+            touch(tmp_path / f"step_{n}.safetensors")
+        touch(tmp_path / "notes.txt")
+        found = resolve_sources([str(tmp_path / "step_*.safetensors")])
+        assert [p.name for p in found] == ["step_1.safetensors", "step_2.safetensors", "step_10.safetensors"]
+
+    def test_glob_matching_nothing(self, tmp_path):
+        with pytest.raises(InputError, match="matches no file"):
+            resolve_sources([str(tmp_path / "*.safetensors")])
+
+    def test_folder_with_model_safetensors(self, tmp_path):
+        model = touch(tmp_path / "run" / "model.safetensors")
+        assert resolve_sources([tmp_path / "run"]) == [model]
+
+    def test_folder_with_shard_index_is_one_input(self, tmp_path):
+        index = touch(tmp_path / "run" / "model.safetensors.index.json")
+        touch(tmp_path / "run" / "model-00001-of-00002.safetensors")
+        touch(tmp_path / "run" / "model-00002-of-00002.safetensors")
+        assert resolve_sources([tmp_path / "run"]) == [index]
+
+    def test_folders_of_steps_sort_naturally(self, tmp_path):
+        for n in (10, 9):
+            touch(tmp_path / f"step_{n}" / "model.safetensors")
+        found = resolve_sources([str(tmp_path / "step_*")])
+        assert [p.parent.name for p in found] == ["step_9", "step_10"]
+
+    def test_folder_of_several_files_asks_for_a_pattern(self, tmp_path):
+        touch(tmp_path / "a.safetensors")
+        touch(tmp_path / "b.safetensors")
+        with pytest.raises(InputError, match=r"holds 2 \.safetensors files.*\*\.safetensors"):
+            resolve_sources([tmp_path])
+
+    def test_empty_folder(self, tmp_path):
+        with pytest.raises(InputError, match="no model.safetensors"):
+            resolve_sources([tmp_path])
+
+    def test_missing_file(self, tmp_path):
+        with pytest.raises(InputError, match="no such file or folder"):
+            resolve_sources([tmp_path / "nope.safetensors"])
+
+    def test_no_inputs(self):
+        with pytest.raises(InputError, match="no input checkpoints"):
+            resolve_sources([])
+
+
+def test_natural_key_orders_numbers_by_value():
+    names = ["ckpt_100", "ckpt_20", "ckpt_3", "ckpt_20b"]
+    assert sorted(names, key=natural_key) == ["ckpt_3", "ckpt_20", "ckpt_20b", "ckpt_100"]
