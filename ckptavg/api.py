@@ -26,10 +26,15 @@ from .writer import INDEX_NAME, OutputTransaction, ensure_free_space
 
 
 @contextmanager
-def open_checkpoints(specs: Sequence[str | os.PathLike], *, keep_order: bool = False) -> Iterator[list[Checkpoint]]:
+def open_checkpoints(
+    specs: Sequence[str | os.PathLike], *, keep_order: bool = False
+) -> Iterator[list[Checkpoint]]:
     """Resolve specs (files, folders, quoted globs) and open each checkpoint, headers only."""
     with ExitStack() as stack:
-        yield [stack.enter_context(open_checkpoint(path)) for path in resolve_sources(specs, keep_order=keep_order)]
+        yield [
+            stack.enter_context(open_checkpoint(path))
+            for path in resolve_sources(specs, keep_order=keep_order)
+        ]
 
 
 def average(
@@ -66,8 +71,15 @@ def average(
         CkptavgError: a bad input or output, with a one-line message naming the file and tensor.
     """
     with open_checkpoints(inputs, keep_order=keep_order) as checkpoints:
-        plan = build_plan(checkpoints, schedule, output=out, dtype=dtype, accum_dtype=accum_dtype,
-                          max_shard_size=max_shard_size, force=force)
+        plan = build_plan(
+            checkpoints,
+            schedule,
+            output=out,
+            dtype=dtype,
+            accum_dtype=accum_dtype,
+            max_shard_size=max_shard_size,
+            force=force,
+        )
         run_plan(plan, device=device, progress=progress)
         return plan
 
@@ -82,8 +94,15 @@ def run_plan(plan: Plan, *, device: str = "cpu", progress: bool = False) -> Path
         raise OutputError("the plan has no output; pass out= to build_plan")
     ensure_free_space(plan.output, plan.output_nbytes)
     metadata = plan.metadata()
-    with tqdm(total=plan.bytes_to_read, unit="B", unit_scale=True, unit_divisor=1000,
-              desc=plan.schedule.method, disable=not progress, leave=False) as bar:
+    with tqdm(
+        total=plan.bytes_to_read,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        desc=plan.schedule.method,
+        disable=not progress,
+        leave=False,
+    ) as bar:
         engine = Engine(plan, resolve_device(device), on_read=bar.update)
         with OutputTransaction(plan.output, folder=plan.folder, force=plan.force) as output:
             for file in plan.files:

@@ -38,6 +38,8 @@ def _reports_errors(command):
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return command(*args, **kwargs)
+        except click.ClickException:
+            raise  # usage errors: click prints them with the command's usage line
         except CkptavgError as e:
             if debug:
                 raise
@@ -52,8 +54,10 @@ def _reports_errors(command):
         except Exception as e:
             if debug:
                 raise
-            click.echo(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)",
-                       err=True)
+            click.echo(
+                f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+                err=True,
+            )
             sys.exit(EXIT_ERROR)
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -65,19 +69,43 @@ def _averaging_options(command):
     """Options every averaging command shares; a flag and its Python argument share a name."""
     options = [
         click.argument("inputs", nargs=-1, required=True, metavar="INPUTS..."),
-        click.option("-o", "--output", "output", metavar="PATH",
-                     help="Output .safetensors file, or a folder ending in '/' for shards."),
-        click.option("--keep-order", is_flag=True,
-                     help="Average in the order given instead of natural order (step_2 before step_10)."),
-        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-                     help="Output dtype of floating tensors [default: as in the first checkpoint]."),
-        click.option("--accum-dtype", type=click.Choice(["float32", "float64"]), default="float32",
-                     show_default=True, help="Dtype the sums are computed in."),
-        click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
-                     help="Where the sums are computed; auto picks CUDA when available."),
-        click.option("--max-shard-size", metavar="SIZE",
-                     help="Largest output file, e.g. 5GB; writes Hugging Face shards into a folder "
-                          "[default for a folder: 50GB]."),
+        click.option(
+            "-o",
+            "--output",
+            "output",
+            metavar="PATH",
+            help="Output .safetensors file, or a folder ending in '/' for shards.",
+        ),
+        click.option(
+            "--keep-order",
+            is_flag=True,
+            help="Average in the order given instead of natural order (step_2 before step_10).",
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["float32", "bfloat16", "float16"]),
+            help="Output dtype of floating tensors [default: as in the first checkpoint].",
+        ),
+        click.option(
+            "--accum-dtype",
+            type=click.Choice(["float32", "float64"]),
+            default="float32",
+            show_default=True,
+            help="Dtype the sums are computed in.",
+        ),
+        click.option(
+            "--device",
+            default="auto",
+            show_default=True,
+            metavar="auto|cpu|cuda|cuda:N",
+            help="Where the sums are computed; auto picks CUDA when available.",
+        ),
+        click.option(
+            "--max-shard-size",
+            metavar="SIZE",
+            help="Largest output file, e.g. 5GB; writes Hugging Face shards into a folder "
+            "[default for a folder: 50GB].",
+        ),
         click.option("--force", is_flag=True, help="Replace an existing output."),
         click.option("--dry-run", is_flag=True, help="Check the inputs and print the plan; write nothing."),
         click.option("-q", "--quiet", is_flag=True, help="Print only warnings and errors."),
@@ -124,8 +152,12 @@ def swa(**options):
 
 
 @main.command(context_settings=_CONTEXT)
-@click.option("--decay", type=float, required=True,
-              help="Weight kept by the running average at each checkpoint, in [0, 1].")
+@click.option(
+    "--decay",
+    type=float,
+    required=True,
+    help="Weight kept by the running average at each checkpoint, in [0, 1].",
+)
 @_averaging_options
 @_reports_errors
 def ema(decay, **options):
@@ -147,8 +179,12 @@ def ema(decay, **options):
 
 
 @main.command(context_settings=_CONTEXT)
-@click.option("--weights", required=True, metavar="W1,W2,...",
-              help="One weight per checkpoint, in averaging order; normalized to sum to 1.")
+@click.option(
+    "--weights",
+    required=True,
+    metavar="W1,W2,...",
+    help="One weight per checkpoint, in averaging order; normalized to sum to 1.",
+)
 @_averaging_options
 @_reports_errors
 def avg(weights, **options):
@@ -166,21 +202,41 @@ def avg(weights, **options):
     try:
         values = [float(w) for w in weights.split(",")]
     except ValueError:
-        raise click.BadParameter(f"{weights!r} is not a comma-separated list of numbers",
-                                 param_hint="--weights") from None
+        raise click.BadParameter(
+            f"{weights!r} is not a comma-separated list of numbers", param_hint="--weights"
+        ) from None
     _average(weighted(values), **options)
 
 
-def _average(schedule, *, inputs, output, keep_order, dtype, accum_dtype, device, max_shard_size,
-             force, dry_run, quiet):
+def _average(
+    schedule,
+    *,
+    inputs,
+    output,
+    keep_order,
+    dtype,
+    accum_dtype,
+    device,
+    max_shard_size,
+    force,
+    dry_run,
+    quiet,
+):
     from .api import open_checkpoints, run_plan
     from .plan import build_plan
 
     if output is None and not dry_run:
         raise click.UsageError("give an output with -o PATH (or check the inputs with --dry-run)")
     with open_checkpoints(inputs, keep_order=keep_order) as checkpoints:
-        plan = build_plan(checkpoints, schedule, output=output, dtype=dtype, accum_dtype=accum_dtype,
-                          max_shard_size=max_shard_size, force=force)
+        plan = build_plan(
+            checkpoints,
+            schedule,
+            output=output,
+            dtype=dtype,
+            accum_dtype=accum_dtype,
+            max_shard_size=max_shard_size,
+            force=force,
+        )
         if not quiet or dry_run:
             click.echo("\n".join(plan.describe()))
         for warning in plan.warnings:
@@ -192,8 +248,10 @@ def _average(schedule, *, inputs, output, keep_order, dtype, accum_dtype, device
     if not quiet:
         from .units import format_bytes
 
-        click.echo(f"wrote {path}{'/' if plan.folder else ''} ({format_bytes(plan.output_nbytes)}, "
-                   f"{len(plan.tensors)} tensors)")
+        click.echo(
+            f"wrote {path}{'/' if plan.folder else ''} ({format_bytes(plan.output_nbytes)}, "
+            f"{len(plan.tensors)} tensors)"
+        )
 
 
 @main.command(context_settings=_CONTEXT)
@@ -218,11 +276,18 @@ def inspect(path, as_json, no_tensors):
     (location,) = resolve_sources([path])
     with open_checkpoint(location) as ck:
         if as_json:
-            click.echo(json.dumps({
-                "path": str(ck.path),
-                "tensors": {n: {"dtype": i.dtype, "shape": list(i.shape)} for n, i in ck.tensors.items()},
-                "metadata": ck.metadata,
-            }, indent=2))
+            click.echo(
+                json.dumps(
+                    {
+                        "path": str(ck.path),
+                        "tensors": {
+                            n: {"dtype": i.dtype, "shape": list(i.shape)} for n, i in ck.tensors.items()
+                        },
+                        "metadata": ck.metadata,
+                    },
+                    indent=2,
+                )
+            )
             return
         click.echo(str(ck.path))
         if not no_tensors:
@@ -233,11 +298,13 @@ def inspect(path, as_json, no_tensors):
         counts: dict[str, int] = {}
         for info in ck.tensors.values():
             counts[info.dtype] = counts.get(info.dtype, 0) + 1
-        click.echo(f"tensors: {len(ck.tensors)}, parameters: {numel:,}, size: {format_bytes(ck.nbytes)}, "
-                   f"dtypes: {', '.join(f'{n} {d}' for d, n in counts.items())}")
+        click.echo(
+            f"tensors: {len(ck.tensors)}, parameters: {numel:,}, size: {format_bytes(ck.nbytes)}, "
+            f"dtypes: {', '.join(f'{n} {d}' for d, n in counts.items())}"
+        )
         if ck.metadata:
             click.echo("metadata:")
-            for key, value in ck.metadata.items():
+            for key, value in sorted(ck.metadata.items()):
                 click.echo(f"  {key}:{_pretty_metadata(key, value)}")
 
 

@@ -30,10 +30,28 @@ _DTYPES: dict[str, tuple[int, bool]] = {
 
 # The order of safetensors' own Dtype enum: `save_file` writes higher ranks first
 # (then by name), which also puts larger elements first and keeps every tensor aligned.
-_LAYOUT_RANK = {name: rank for rank, name in enumerate(
-    ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64",
-     "I64", "U64")
-)}
+_LAYOUT_RANK = {
+    name: rank
+    for rank, name in enumerate(
+        (
+            "BOOL",
+            "U8",
+            "I8",
+            "F8_E5M2",
+            "F8_E4M3",
+            "I16",
+            "U16",
+            "F16",
+            "BF16",
+            "I32",
+            "U32",
+            "F32",
+            "F64",
+            "I64",
+            "U64",
+        )
+    )
+}
 
 # Names users type for --dtype / --accum-dtype -> safetensors names.
 USER_DTYPE_NAMES: dict[str, str] = {

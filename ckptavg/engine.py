@@ -70,7 +70,7 @@ class Engine:
     def _average(self, tensor: TensorPlan) -> Iterator[torch.Tensor]:
         sources = [
             (ck.get(tensor.name).reshape(-1), weight)
-            for ck, weight in zip(self.plan.checkpoints, self.plan.weights)
+            for ck, weight in zip(self.plan.checkpoints, self.plan.weights, strict=True)
             if weight != 0.0
         ]
         out_dtype = dtypes.torch_dtype(tensor.dtype)
@@ -101,4 +101,3 @@ class Engine:
         if buffer is None:
             buffer = self._out[dtype] = torch.empty(self._chunk, dtype=dtype)
         return buffer[:count]
-

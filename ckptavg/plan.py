@@ -115,7 +115,10 @@ class Plan:
             "ckptavg.params": json.dumps(self.schedule.params()),
             "ckptavg.accum_dtype": _user_dtype(self.accum_dtype),
             "ckptavg.inputs": json.dumps(
-                [{"path": str(ck.path), "weight": w} for ck, w in zip(self.checkpoints, self.weights)]
+                [
+                    {"path": str(ck.path), "weight": w}
+                    for ck, w in zip(self.checkpoints, self.weights, strict=True)
+                ]
             ),
         }
 
@@ -131,10 +134,12 @@ class Plan:
     def describe(self) -> list[str]:
         """Human-readable lines: the weight of every checkpoint, sizes, layout and memory."""
         params = ", ".join(f"{k}={v}" for k, v in self.schedule.params().items())
-        lines = [f"{self.schedule.method}{f' ({params})' if params else ''} over {len(self.checkpoints)} "
-                 f"checkpoint{'s' if len(self.checkpoints) != 1 else ''}, oldest first:"]
+        lines = [
+            f"{self.schedule.method}{f' ({params})' if params else ''} over {len(self.checkpoints)} "
+            f"checkpoint{'s' if len(self.checkpoints) != 1 else ''}, oldest first:"
+        ]
         heaviest = max(self.weights)
-        for i, (ck, w) in enumerate(zip(self.checkpoints, self.weights), 1):
+        for i, (ck, w) in enumerate(zip(self.checkpoints, self.weights, strict=True), 1):
             bar = "█" * max(1 if w > 0 else 0, round(20 * w / heaviest)) if heaviest > 0 else ""
             lines.append(f"  {i:>3}  {w:8.4f}  {bar:<20}  {ck.path}")
         averaged = [t for t in self.tensors if t.averaged]
@@ -146,20 +151,26 @@ class Plan:
             + (f", {copied} integer/bool copied from the last checkpoint)" if copied else ")")
         )
         lines.append(f"parameters: {numel:,}")
-        lines.append(f"input:      {format_bytes(sum(ck.nbytes for ck in self.checkpoints))} in "
-                     f"{len(self.checkpoints)} checkpoints, {format_bytes(self.bytes_to_read)} to read")
+        lines.append(
+            f"input:      {format_bytes(sum(ck.nbytes for ck in self.checkpoints))} in "
+            f"{len(self.checkpoints)} checkpoints, {format_bytes(self.bytes_to_read)} to read"
+        )
         out_dtypes = _count_dtypes(self.tensors)
         lines.append(f"output:     {format_bytes(self.output_nbytes)}, {out_dtypes}")
         if self.output is not None:
             if self.folder:
                 what = ", ".join(f.name for f in self.files[:3]) + (", ..." if len(self.files) > 3 else "")
                 index = f" + {INDEX_NAME}" if len(self.files) > 1 else ""
-                lines.append(f"writes:     {self.output}{os.sep} ({len(self.files)} file"
-                             f"{'s' if len(self.files) != 1 else ''}: {what}{index})")
+                lines.append(
+                    f"writes:     {self.output}{os.sep} ({len(self.files)} file"
+                    f"{'s' if len(self.files) != 1 else ''}: {what}{index})"
+                )
             else:
                 lines.append(f"writes:     {self.output}")
-        lines.append(f"memory:     ~{format_bytes(self.working_bytes)} of buffers "
-                     f"(chunks of {CHUNK_ELEMENTS // 2**20}M elements, whatever the model size)")
+        lines.append(
+            f"memory:     ~{format_bytes(self.working_bytes)} of buffers "
+            f"(chunks of {CHUNK_ELEMENTS // 2**20}M elements, whatever the model size)"
+        )
         return lines
 
 
@@ -226,12 +237,18 @@ def _check_same_model(checkpoints: Sequence[Checkpoint]) -> None:
         if missing or extra:
             parts = []
             if missing:
-                parts.append(f"lacks {len(missing)} tensor{'s' if len(missing) > 1 else ''} of "
-                             f"{reference.path} ({_names(missing)})")
+                parts.append(
+                    f"lacks {len(missing)} tensor{'s' if len(missing) > 1 else ''} of "
+                    f"{reference.path} ({_names(missing)})"
+                )
             if extra:
-                parts.append(f"has {len(extra)} tensor{'s' if len(extra) > 1 else ''} that "
-                             f"{reference.path} lacks ({_names(extra)})")
-            raise MismatchError(f"{ck.path}: {' and '.join(parts)}; average only checkpoints of the same model")
+                parts.append(
+                    f"has {len(extra)} tensor{'s' if len(extra) > 1 else ''} that "
+                    f"{reference.path} lacks ({_names(extra)})"
+                )
+            raise MismatchError(
+                f"{ck.path}: {' and '.join(parts)}; average only checkpoints of the same model"
+            )
         for name, info in reference.tensors.items():
             other = ck.tensors[name]
             if other.shape != info.shape:
@@ -251,7 +268,9 @@ def _lay_out(plan: Plan, output: str | os.PathLike, max_shard_size: int | str | 
     target = Path(text)
     folder = text.endswith(("/", os.sep)) or target.is_dir()
     if not folder and max_shard_size is not None:
-        raise OutputError(f"{target}: --max-shard-size writes shards into a folder; give -o {target.with_suffix('')}/")
+        raise OutputError(
+            f"{target}: --max-shard-size writes shards into a folder; give -o {target.with_suffix('')}/"
+        )
     if not folder and target.suffix != ".safetensors":
         raise OutputError(f"{target}: give a file ending in .safetensors, or a folder ending in '/'")
     _refuse_input_as_output(plan.checkpoints, target, folder)
@@ -274,8 +293,9 @@ def _lay_out(plan: Plan, output: str | os.PathLike, max_shard_size: int | str | 
         plan.files = [OutputFile(SINGLE_FILE_NAME, tuple(shards[0]))]
     else:
         count = len(shards)
-        plan.files = [OutputFile(SHARD_NAME.format(index=i, count=count), tuple(s))
-                      for i, s in enumerate(shards, 1)]
+        plan.files = [
+            OutputFile(SHARD_NAME.format(index=i, count=count), tuple(s)) for i, s in enumerate(shards, 1)
+        ]
 
 
 def _refuse_input_as_output(checkpoints: Sequence[Checkpoint], target: Path, folder: bool) -> None:

@@ -26,8 +26,13 @@ class Checkpoint:
         metadata: the string metadata stored with the checkpoint.
     """
 
-    def __init__(self, path: Path, tensors: dict[str, TensorInfo], metadata: dict[str, str],
-                 shard_of: dict[str, Path]):
+    def __init__(
+        self,
+        path: Path,
+        tensors: dict[str, TensorInfo],
+        metadata: dict[str, str],
+        shard_of: dict[str, Path],
+    ):
         self.path = path
         self.tensors = tensors
         self.metadata = metadata
@@ -37,7 +42,7 @@ class Checkpoint:
     @property
     def files(self) -> list[Path]:
         """Every file this checkpoint is made of: the given path and its shards."""
-        return [self.path] + sorted(set(self._shard_of.values()) - {self.path})
+        return [self.path, *sorted(set(self._shard_of.values()) - {self.path})]
 
     @property
     def nbytes(self) -> int:
@@ -99,7 +104,7 @@ def _safe_open(path: Path):
 def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     handle = _safe_open(path)
     tensors = {}
-    for name in handle.keys():
+    for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
         view = handle.get_slice(name)
         dtype = view.get_dtype()
         if not dtypes.is_known(dtype):

@@ -24,7 +24,11 @@ class TestResolveSources:
             touch(tmp_path / f"step_{n}.safetensors")
         touch(tmp_path / "notes.txt")
         found = resolve_sources([str(tmp_path / "step_*.safetensors")])
-        assert [p.name for p in found] == ["step_1.safetensors", "step_2.safetensors", "step_10.safetensors"]
+        assert [p.name for p in found] == [
+            "step_1.safetensors",
+            "step_2.safetensors",
+            "step_10.safetensors",
+        ]
 
     def test_glob_matching_nothing(self, tmp_path):
         with pytest.raises(InputError, match="matches no file"):
@@ -53,7 +57,7 @@ class TestResolveSources:
             resolve_sources([tmp_path])
 
     def test_empty_folder(self, tmp_path):
-        with pytest.raises(InputError, match="no model.safetensors"):
+        with pytest.raises(InputError, match=r"no model\.safetensors"):
             resolve_sources([tmp_path])
 
     def test_missing_file(self, tmp_path):

@@ -13,10 +13,21 @@ from ckptavg.errors import OutputError
 from ckptavg.writer import Entry, OutputTransaction, SafetensorsWriter, layout_order
 
 ALL_DTYPES = [
-    torch.float64, torch.float32, torch.float16, torch.bfloat16,
-    torch.float8_e4m3fn, torch.float8_e5m2,
-    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
-    torch.uint16, torch.uint32, torch.uint64,
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
 ]
 
 
@@ -58,7 +69,9 @@ class TestSafetensorsWriter:
         assert loaded.keys() == tensors.keys()
         for name, tensor in tensors.items():
             assert loaded[name].dtype == dtype and loaded[name].shape == tensor.shape
-            assert torch.equal(loaded[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))
+            assert torch.equal(
+                loaded[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)
+            )
 
     def test_layout_matches_what_safetensors_writes(self, tmp_path):
         tensors = {
@@ -83,7 +96,11 @@ class TestSafetensorsWriter:
         ).read_bytes()[8 + their_length :]
 
     def test_metadata_is_kept(self, tmp_path):
-        write_dict(tmp_path / "m.safetensors", {"x": torch.ones(2)}, {"format": "pt", "ckptavg.method": "swa"})
+        write_dict(
+            tmp_path / "m.safetensors",
+            {"x": torch.ones(2)},
+            {"format": "pt", "ckptavg.method": "swa"},
+        )
         with safe_open(tmp_path / "m.safetensors", "pt") as f:
             assert f.metadata() == {"format": "pt", "ckptavg.method": "swa"}
 
@@ -95,20 +112,26 @@ class TestSafetensorsWriter:
         writer.abort()
 
     @settings(max_examples=40, deadline=None)
-    @given(st.dictionaries(
-        st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=12),
-        st.tuples(st.sampled_from(ALL_DTYPES), st.lists(st.integers(0, 4), max_size=3)),
-        max_size=6,
-    ))
+    @given(
+        st.dictionaries(
+            st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=12),
+            st.tuples(st.sampled_from(ALL_DTYPES), st.lists(st.integers(0, 4), max_size=3)),
+            max_size=6,
+        )
+    )
     def test_random_state_dicts_round_trip(self, tmp_path_factory, spec):
         path = tmp_path_factory.mktemp("prop") / "p.safetensors"
-        tensors = {name: sample(dtype, tuple(shape), seed=i) for i, (name, (dtype, shape)) in enumerate(spec.items())}
+        tensors = {
+            name: sample(dtype, tuple(shape), seed=i) for i, (name, (dtype, shape)) in enumerate(spec.items())
+        }
         write_dict(path, tensors)
         loaded = load_file(path)
         assert loaded.keys() == tensors.keys()
         for name, tensor in tensors.items():
             assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape
-            assert torch.equal(loaded[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))
+            assert torch.equal(
+                loaded[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)
+            )
 
 
 class TestOutputTransaction:
@@ -123,7 +146,10 @@ class TestOutputTransaction:
     def test_existing_output_survives_a_failure(self, tmp_path):
         target = tmp_path / "out.safetensors"
         target.write_bytes(b"precious")
-        with pytest.raises(KeyboardInterrupt), OutputTransaction(target, folder=False, force=True) as output:
+        with (
+            pytest.raises(KeyboardInterrupt),
+            OutputTransaction(target, folder=False, force=True) as output,
+        ):
             output.safetensors(target.name, [Entry("x", "F32", (2,))], {})
             raise KeyboardInterrupt
         assert target.read_bytes() == b"precious"

@@ -1,0 +1,184 @@
+"""The command line: wiring, messages and exit codes, in-process and as the installed program."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import temp_files
+from safetensors.torch import load_file
+
+from ckptavg.cli import main
+
+CKPTAVG = Path(sys.executable).with_name("ckptavg")
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+class TestAveragingCommands:
+    def test_swa_writes_the_average(self, tmp_path, series, states):
+        result = run("swa", *series, "-o", tmp_path / "swa.safetensors")
+        assert result.exit_code == 0, result.output
+        expected = sum(s["fc.weight"] for s in states) / len(states)
+        torch.testing.assert_close(load_file(tmp_path / "swa.safetensors")["fc.weight"], expected)
+        assert f"wrote {tmp_path / 'swa.safetensors'}" in result.output
+
+    def test_quoted_glob(self, tmp_path, series):
+        result = run(
+            "ema",
+            "--decay",
+            "0.5",
+            str(tmp_path / "ckpts" / "step_*.safetensors"),
+            "-o",
+            tmp_path / "ema.safetensors",
+        )
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / "ema.safetensors").exists()
+
+    def test_dry_run_prints_the_plan_and_writes_nothing(self, tmp_path, series):
+        result = run("ema", "--decay", "0.999", *series, "-o", tmp_path / "ema.safetensors", "--dry-run")
+        assert result.exit_code == 0, result.output
+        assert "ema (decay=0.999) over 5 checkpoints" in result.output
+        assert "0.9960" in result.output and str(series[0]) in result.output
+        assert "99.6% of the weight on checkpoint 1" in result.output
+        assert "dry run: nothing written" in result.output
+        assert not (tmp_path / "ema.safetensors").exists()
+
+    def test_dry_run_needs_no_output(self, series):
+        result = run("swa", *series, "--dry-run")
+        assert result.exit_code == 0, result.output
+        assert "tensors:" in result.output
+
+    def test_avg_with_weights(self, tmp_path, series, states):
+        result = run("avg", "--weights", "1,3", *series[:2], "-o", tmp_path / "mix.safetensors")
+        assert result.exit_code == 0, result.output
+        expected = 0.25 * states[0]["fc.weight"] + 0.75 * states[1]["fc.weight"]
+        torch.testing.assert_close(load_file(tmp_path / "mix.safetensors")["fc.weight"], expected)
+
+    def test_avg_with_unreadable_weights(self, tmp_path, series):
+        result = run("avg", "--weights", "1,x", *series[:2], "-o", tmp_path / "mix.safetensors")
+        assert result.exit_code == 2
+        assert "not a comma-separated list of numbers" in result.output
+
+    def test_missing_output_is_a_usage_error(self, series):
+        result = run("swa", *series)
+        assert result.exit_code == 2
+        assert "give an output with -o" in result.output
+
+    def test_sharded_output_folder(self, tmp_path, series):
+        result = run("swa", *series, "-o", f"{tmp_path}/swa/", "--max-shard-size", "300B")
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / "swa" / "model.safetensors.index.json").exists()
+
+
+class TestErrors:
+    def test_error_is_one_line_without_traceback(self, tmp_path, series):
+        result = run("swa", *series, tmp_path / "missing.safetensors", "-o", tmp_path / "o.safetensors")
+        assert result.exit_code == 1
+        assert result.output.strip().splitlines() == [
+            f"error: {tmp_path / 'missing.safetensors'}: no such file or folder"
+        ]
+
+    def test_debug_shows_the_exception(self, tmp_path, series):
+        result = run(
+            "swa",
+            *series,
+            tmp_path / "missing.safetensors",
+            "-o",
+            tmp_path / "o.safetensors",
+            "--debug",
+        )
+        assert result.exit_code == 1
+        assert type(result.exception).__name__ == "InputError"
+
+    def test_existing_output_without_force(self, tmp_path, series):
+        (tmp_path / "o.safetensors").write_bytes(b"keep")
+        result = run("swa", *series, "-o", tmp_path / "o.safetensors")
+        assert result.exit_code == 1
+        assert "already exists; pass --force to replace it" in result.output
+        assert (tmp_path / "o.safetensors").read_bytes() == b"keep"
+
+    def test_bad_decay(self, tmp_path, series):
+        result = run("ema", "--decay", "2", *series, "-o", tmp_path / "o.safetensors")
+        assert result.exit_code == 1
+        assert "error: --decay must be between 0 and 1, got 2.0" in result.output
+
+
+class TestInspect:
+    def test_shows_tensors_totals_and_provenance(self, tmp_path, series):
+        run("ema", "--decay", "0.5", *series, "-o", tmp_path / "ema.safetensors")
+        result = run("inspect", tmp_path / "ema.safetensors")
+        assert result.exit_code == 0, result.output
+        assert "fc.weight" in result.output and "F32" in result.output and "[10, 4]" in result.output
+        assert "tensors: 9, parameters: 179" in result.output
+        assert "ckptavg.method: ema" in result.output
+        assert f"0.0625  {series[0]}" in result.output
+
+    def test_json(self, tmp_path, series):
+        result = run("inspect", "--json", series[0])
+        assert result.exit_code == 0, result.output
+        assert '"fc.weight"' in result.output and '"F32"' in result.output
+
+
+@pytest.mark.skipif(not CKPTAVG.exists(), reason="ckptavg is not installed next to this Python")
+class TestInstalledProgram:
+    def test_end_to_end_as_a_subprocess(self, tmp_path, series):
+        done = subprocess.run(
+            [CKPTAVG, "swa", *series, "-o", tmp_path / "swa.safetensors"],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "fc.weight" in load_file(tmp_path / "swa.safetensors")
+
+    def test_error_exit_code_and_single_line(self, tmp_path):
+        done = subprocess.run(
+            [CKPTAVG, "swa", tmp_path / "none.safetensors", "-o", tmp_path / "o.safetensors"],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 1
+        assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
+
+    def test_python_dash_m(self):
+        done = subprocess.run([sys.executable, "-m", "ckptavg", "--help"], capture_output=True, text=True)
+        assert done.returncode == 0 and "ckptavg swa" in done.stdout
+
+    def test_help_and_version_do_not_import_torch(self):
+        code = (
+            "import sys\nfrom ckptavg.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert done.stdout.strip().splitlines()[-1] == "False"
+
+    def test_sigterm_mid_run_leaves_nothing(self, tmp_path):
+        # A checkpoint big enough that the run is still writing when the signal lands.
+        from safetensors.torch import save_file
+
+        for i in range(2):
+            save_file({"w": torch.full((64, 2**20), float(i))}, tmp_path / f"s{i}.safetensors")
+        out = tmp_path / "o.safetensors"
+        process = subprocess.Popen(
+            [CKPTAVG, "swa", tmp_path / "s0.safetensors", tmp_path / "s1.safetensors", "-o", out],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 30
+        while not temp_files(tmp_path) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+        if process.returncode == 0:
+            pytest.skip("the run finished before the signal landed")
+        assert process.returncode == 143, stderr
+        assert "terminated: nothing was written" in stderr
+        assert not out.exists() and temp_files(tmp_path) == []
