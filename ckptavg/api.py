@@ -89,6 +89,7 @@ def run_plan(plan: Plan, *, device: str = "cpu", progress: bool = False) -> Path
     from tqdm.auto import tqdm
 
     from .engine import Engine, resolve_device
+    from .pipeline import WriteQueue
 
     if plan.output is None:
         raise OutputError("the plan has no output; pass out= to build_plan")
@@ -105,12 +106,14 @@ def run_plan(plan: Plan, *, device: str = "cpu", progress: bool = False) -> Path
     ) as bar:
         engine = Engine(plan, resolve_device(device), on_read=bar.update)
         with OutputTransaction(plan.output, folder=plan.folder, force=plan.force) as output:
-            for file in plan.files:
-                writer = output.safetensors(file.name, [t.entry for t in file.tensors], metadata)
-                for tensor in file.tensors:
-                    for chunk in engine.chunks(tensor):
-                        writer.write(chunk)
-                writer.finish()
+            with WriteQueue() as queue:
+                for file in plan.files:
+                    writer = output.safetensors(file.name, [t.entry for t in file.tensors], metadata)
+                    for tensor in file.tensors:
+                        for chunk, release in engine.chunks(tensor):
+                            queue.submit(writer.write, chunk, release=release)
+                    queue.submit(writer.finish)
+                queue.drain()
             index = plan.index()
             if index is not None:
                 output.write_json(INDEX_NAME, index)

@@ -7,6 +7,7 @@ The plan and the writer work with these names and byte sizes only, so planning
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from math import prod
 
 # safetensors dtype name -> (bytes per element, is floating point)
@@ -78,6 +79,7 @@ def is_floating(dtype: str) -> bool:
     return _DTYPES[dtype][1]
 
 
+@cache
 def _torch_dtypes() -> dict:
     import torch
 

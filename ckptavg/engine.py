@@ -2,14 +2,16 @@
 
 Inputs are zero-copy views of memory-mapped files. A large tensor is processed
 in fixed-size flat chunks (the sum is elementwise), so working memory is a few
-preallocated buffers whatever the model size: an fp32 (or fp64) accumulator,
-a scratch buffer to cast other dtypes into (a mixed-dtype `add_` is ~3x slower
-than `copy_` then a same-dtype `add_`), and an output buffer for the final cast.
-The engine never writes into a source tensor.
+preallocated buffers whatever the model size: fp32 (or fp64) accumulators, a
+scratch buffer to cast other dtypes into (a mixed-dtype `add_` is ~3x slower
+than `copy_` then a same-dtype `add_`), and output buffers for the final cast.
+Finished chunks are handed out with a `release` callback, so a writer thread
+can write one while the next is computed. The engine never writes into a source.
 """
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Callable, Iterator
 
 import torch
@@ -17,6 +19,11 @@ import torch
 from . import dtypes
 from .errors import CkptavgError
 from .plan import CHUNK_ELEMENTS, Plan, TensorPlan
+
+# Buffers of each kind that may be in flight between the engine and the writer.
+BUFFERS_IN_FLIGHT = 3
+
+Release = Callable[[], None] | None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -34,6 +41,28 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+class _BufferPool:
+    """Up to `limit` equal buffers, made on first need; `acquire` waits for one to be released."""
+
+    def __init__(self, elements: int, dtype: torch.dtype, device: torch.device, limit: int):
+        self._make = lambda: torch.empty(elements, dtype=dtype, device=device)
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        self._made = 0
+        self._limit = limit
+
+    def acquire(self) -> torch.Tensor:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            if self._made < self._limit:
+                self._made += 1
+                return self._make()
+            return self._free.get()
+
+    def release(self, buffer: torch.Tensor) -> None:
+        self._free.put(buffer)
+
+
 class Engine:
     """Computes the plan's output tensors one chunk at a time, reusing its buffers."""
 
@@ -41,33 +70,35 @@ class Engine:
         self.plan = plan
         self.device = device
         self._on_read = on_read or (lambda nbytes: None)
-        chunk = max(1, min(CHUNK_ELEMENTS, max((t.numel for t in plan.tensors), default=1)))
+        self._chunk = max(1, min(CHUNK_ELEMENTS, max((t.numel for t in plan.tensors), default=1)))
         accum = dtypes.torch_dtype(plan.accum_dtype)
-        averaging = any(t.averaged for t in plan.tensors)
-        self._acc = torch.empty(chunk if averaging else 0, dtype=accum, device=device)
-        self._scratch = torch.empty(chunk if averaging else 0, dtype=accum, device=device)
-        self._out: dict[torch.dtype, torch.Tensor] = {}
-        self._chunk = chunk
+        self._accumulators = _BufferPool(self._chunk, accum, device, BUFFERS_IN_FLIGHT)
+        self._scratch = _BufferPool(self._chunk, accum, device, 1)
+        self._outputs: dict[torch.dtype, _BufferPool] = {}
 
-    def chunks(self, tensor: TensorPlan) -> Iterator[torch.Tensor]:
-        """The output tensor's bytes, in order, as contiguous CPU tensors valid until the next step."""
+    def chunks(self, tensor: TensorPlan) -> Iterator[tuple[torch.Tensor, Release]]:
+        """The output tensor's bytes in order, as contiguous CPU tensors.
+
+        Each comes with a `release` callback (or None): call it once the bytes
+        are written, to hand the buffer back for a later chunk.
+        """
         if tensor.averaged:
             yield from self._average(tensor)
         else:
             yield from self._copy(tensor)
 
-    def _copy(self, tensor: TensorPlan) -> Iterator[torch.Tensor]:
+    def _copy(self, tensor: TensorPlan) -> Iterator[tuple[torch.Tensor, Release]]:
         source = self.plan.last.get(tensor.name).reshape(-1)
         out_dtype = dtypes.torch_dtype(tensor.dtype)
         for start in range(0, source.numel(), self._chunk):
             piece = source[start : start + self._chunk]
             self._on_read(piece.numel() * piece.element_size())
             if piece.dtype == out_dtype:
-                yield piece
+                yield piece, None
             else:
-                yield self._out_buffer(out_dtype, piece.numel()).copy_(piece)
+                yield self._cast_out(piece, out_dtype)
 
-    def _average(self, tensor: TensorPlan) -> Iterator[torch.Tensor]:
+    def _average(self, tensor: TensorPlan) -> Iterator[tuple[torch.Tensor, Release]]:
         sources = [
             (ck.get(tensor.name).reshape(-1), weight)
             for ck, weight in zip(self.plan.checkpoints, self.plan.weights, strict=True)
@@ -77,27 +108,36 @@ class Engine:
         numel = tensor.numel
         for start in range(0, numel, self._chunk):
             count = min(self._chunk, numel - start)
-            acc = self._acc[:count]
+            buffer = self._accumulators.acquire()
+            acc = buffer[:count]
+            scratch = self._scratch.acquire()
             for i, (source, weight) in enumerate(sources):
-                piece = self._to_accum(source[start : start + count])
+                piece = self._to_accum(source[start : start + count], scratch)
                 if i == 0:
                     torch.mul(piece, weight, out=acc)
                 else:
                     acc.add_(piece, alpha=weight)
                 self._on_read(count * source.element_size())
+            self._scratch.release(scratch)
             if out_dtype == acc.dtype and acc.device.type == "cpu":
-                yield acc
+                yield acc, lambda buffer=buffer: self._accumulators.release(buffer)
             else:
-                yield self._out_buffer(out_dtype, count).copy_(acc)
+                out = self._cast_out(acc, out_dtype)
+                self._accumulators.release(buffer)
+                yield out
 
-    def _to_accum(self, piece: torch.Tensor) -> torch.Tensor:
+    def _to_accum(self, piece: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
         """The piece in the accumulator's dtype and device, through the scratch buffer if it must change."""
-        if piece.dtype == self._acc.dtype and self.device.type == "cpu":
+        if piece.dtype == scratch.dtype and self.device.type == "cpu":
             return piece
-        return self._scratch[: piece.numel()].copy_(piece)
+        return scratch[: piece.numel()].copy_(piece)
 
-    def _out_buffer(self, dtype: torch.dtype, count: int) -> torch.Tensor:
-        buffer = self._out.get(dtype)
-        if buffer is None:
-            buffer = self._out[dtype] = torch.empty(self._chunk, dtype=dtype)
-        return buffer[:count]
+    def _cast_out(self, values: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, Release]:
+        """`values` cast into a pooled CPU buffer of the output dtype."""
+        pool = self._outputs.get(dtype)
+        if pool is None:
+            pool = self._outputs[dtype] = _BufferPool(
+                self._chunk, dtype, torch.device("cpu"), BUFFERS_IN_FLIGHT
+            )
+        buffer = pool.acquire()
+        return buffer[: values.numel()].copy_(values), lambda: pool.release(buffer)

@@ -31,7 +31,7 @@ from .writer import (
 )
 
 # Elements per chunk of a large tensor: working memory is a few chunks, whatever the model size.
-CHUNK_ELEMENTS = 8 * 2**20
+CHUNK_ELEMENTS = 4 * 2**20
 DEFAULT_FOLDER_SHARD_SIZE = "50GB"
 _SHOWN_NAMES = 5
 

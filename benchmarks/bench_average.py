@@ -1,0 +1,245 @@
+"""Benchmark: `ckptavg swa` and `ckptavg ema` against the naive script and the machine's floor.
+
+Generates two series once (under benchmarks/data, reused on later runs):
+  llm:    8 checkpoints x ~1 GB bf16, Llama-like shapes (502M params, 309 tensors, a 32000x1024 embedding)
+  resnet: 20 checkpoints x ~100 MB fp32, ResNet-50 shapes with BatchNorm buffers
+Then runs each command as a whole process, interleaved over rounds, page cache hot, and reports
+the median wall time and the peak anonymous memory (RssAnon, sampled every 20 ms), with ratios
+against baselines measured in the same run:
+  floor:  python -c "import torch, safetensors" (what every torch program pays to start)
+  tiny:   ckptavg swa on two tiny checkpoints (ckptavg's own fixed start-up cost)
+  naive:  benchmarks/naive_average.py (load_file every checkpoint, sum in fp32, save_file)
+
+Usage: python benchmarks/bench_average.py [--rounds 3] [--series llm,resnet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data"
+RESULTS = HERE / "results"
+PYTHON = sys.executable
+CKPTAVG = [PYTHON, "-m", "ckptavg"]
+
+
+def llm_state(seed: int):
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    hidden, inter, vocab, layers = 1024, 2816, 32000, 34
+    shapes = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "lm_head.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+    }
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[p + f"self_attn.{name}.weight"] = (hidden, hidden)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    return {n: torch.randn(s, generator=generator, dtype=torch.bfloat16) for n, s in shapes.items()}
+
+
+def resnet_state(seed: int):
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    state = torchvision.models.resnet50().state_dict()
+    return {
+        n: (t + torch.randn_like(t) * 0.01 if t.is_floating_point() else t + seed).contiguous()
+        for n, t in state.items()
+    }
+
+
+SERIES = {"llm": (8, llm_state), "resnet": (20, resnet_state)}
+
+
+def ensure_series(name: str) -> list[Path]:
+    from safetensors.torch import save_file
+
+    count, make = SERIES[name]
+    folder = DATA / name
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"step_{i}.safetensors" for i in range(1, count + 1)]
+    for i, path in enumerate(paths, 1):
+        if not path.exists():
+            print(f"generating {path}", file=sys.stderr)
+            save_file(make(i), path.with_suffix(".tmp"), metadata={"format": "pt"})
+            path.with_suffix(".tmp").rename(path)
+    return paths
+
+
+def ensure_tiny() -> list[Path]:
+    import torch
+    from safetensors.torch import save_file
+
+    folder = DATA / "tiny"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"step_{i}.safetensors" for i in (1, 2)]
+    for i, path in enumerate(paths):
+        if not path.exists():
+            save_file({"w": torch.full((4,), float(i))}, path)
+    return paths
+
+
+def rss_anon_kb(pid: int) -> int:
+    """RssAnon of a process and its descendants, in kB (0 once it has exited)."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    total += int(line.split()[1])
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        return total
+    return total + sum(rss_anon_kb(child) for child in children)
+
+
+def measure(command: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak anonymous MB of one run of `command`."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_anon_kb(process.pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    _, stderr = process.communicate()
+    wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{stderr.decode()}")
+    return wall, peak / 1000
+
+
+def warm(paths: list[Path]) -> None:
+    for path in paths:
+        with open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
+def read_time(paths: list[Path]) -> float:
+    """Seconds to read every input byte once from the page cache (the reading limit)."""
+    start = time.perf_counter()
+    warm(paths)
+    return time.perf_counter() - start
+
+
+def bench_series(name: str, rounds: int, out_dir: Path) -> dict:
+    paths = ensure_series(name)
+    tiny = ensure_tiny()
+    warm(paths)
+    out = out_dir / f"{name}.safetensors"
+    commands = {
+        "floor": [PYTHON, "-c", "import torch, safetensors"],
+        "tiny": [*CKPTAVG, "swa", *map(str, tiny), "-o", str(out_dir / "tiny.safetensors"), "--force", "-q"],
+        "ckptavg swa": [
+            *CKPTAVG,
+            "swa",
+            *map(str, paths),
+            "-o",
+            str(out),
+            "--force",
+            "-q",
+            "--device",
+            "cpu",
+        ],
+        "ckptavg ema": [
+            *CKPTAVG,
+            "ema",
+            "--decay",
+            "0.9",
+            *map(str, paths),
+            "-o",
+            str(out),
+            "--force",
+            "-q",
+            "--device",
+            "cpu",
+        ],
+        "naive": [PYTHON, str(HERE / "naive_average.py"), *map(str, paths), str(out)],
+    }
+    runs: dict[str, list[tuple[float, float]]] = {label: [] for label in commands}
+    reads = []
+    for _ in range(rounds):
+        reads.append(read_time(paths))
+        for label, command in commands.items():
+            out.unlink(missing_ok=True)
+            runs[label].append(measure(command))
+    median = {label: (statistics.median(w for w, _ in r), max(m for _, m in r)) for label, r in runs.items()}
+    size = sum(p.stat().st_size for p in paths)
+    return {
+        "series": name,
+        "inputs": len(paths),
+        "input_bytes": size,
+        "read_s": statistics.median(reads),
+        "median": median,
+    }
+
+
+def report(result: dict) -> None:
+    median = result["median"]
+    floor_s, floor_mb = median["floor"]
+    tiny_s, tiny_mb = median["tiny"]
+    naive_s, naive_mb = median["naive"]
+    print(
+        f"\n{result['series']}: {result['inputs']} checkpoints, {result['input_bytes'] / 1e9:.2f} GB; "
+        f"reading every input byte once (page cache): {result['read_s']:.2f} s"
+    )
+    print(f"{'command':<14}{'wall s':>8}{'anon MB':>9}{'vs naive':>10}{'anon over tiny':>16}")
+    for label, (wall, anon) in median.items():
+        print(f"{label:<14}{wall:8.2f}{anon:9.0f}{wall / naive_s:9.2f}x{anon - tiny_mb:14.0f} MB")
+    print(
+        f"floor = python -c 'import torch, safetensors' ({floor_s:.2f} s, {floor_mb:.0f} MB); "
+        f"tiny = ckptavg's fixed start-up ({tiny_s:.2f} s, {tiny_mb:.0f} MB)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--series", default="llm,resnet")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    import platform
+
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}"
+    )
+    results = []
+    for name in args.series.split(","):
+        result = bench_series(name, args.rounds, RESULTS)
+        report(result)
+        results.append(result)
+    (RESULTS / "bench_average.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
