@@ -30,6 +30,7 @@ DATA = HERE / "data"
 RESULTS = HERE / "results"
 PYTHON = sys.executable
 CKPTAVG = [PYTHON, "-m", "ckptavg"]
+MEMORY_BOUND_MB = 256  # peak anonymous memory allowed over ckptavg's own start-up
 
 
 def llm_state(seed: int):
@@ -206,7 +207,7 @@ def report(result: dict) -> None:
     median = result["median"]
     floor_s, floor_mb = median["floor"]
     tiny_s, tiny_mb = median["tiny"]
-    naive_s, naive_mb = median["naive"]
+    naive_s, _ = median["naive"]
     print(
         f"\n{result['series']}: {result['inputs']} checkpoints, {result['input_bytes'] / 1e9:.2f} GB; "
         f"reading every input byte once (page cache): {result['read_s']:.2f} s"
@@ -218,6 +219,13 @@ def report(result: dict) -> None:
         f"floor = python -c 'import torch, safetensors' ({floor_s:.2f} s, {floor_mb:.0f} MB); "
         f"tiny = ckptavg's fixed start-up ({tiny_s:.2f} s, {tiny_mb:.0f} MB)"
     )
+    for label in ("ckptavg swa", "ckptavg ema"):
+        over = median[label][1] - tiny_mb
+        verdict = "within" if over <= MEMORY_BOUND_MB else "OVER"
+        print(
+            f"{label}: peak anonymous memory {over:.0f} MB over start-up, "
+            f"{verdict} the {MEMORY_BOUND_MB} MB bound"
+        )
 
 
 def main() -> None:
@@ -230,9 +238,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     import platform
 
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}"
-    )
+    machine = platform.processor() or platform.machine()
+    print(f"machine: {machine}, {os.cpu_count()} cores, python {platform.python_version()}")
     results = []
     for name in args.series.split(","):
         result = bench_series(name, args.rounds, RESULTS)

@@ -304,3 +304,16 @@ class TestFailures:
         with pytest.raises(OutputError, match="only 100 B is free there"):
             ckptavg.average(series, ckptavg.swa(), out=tmp_path / "o.safetensors")
         assert not (tmp_path / "o.safetensors").exists()
+
+
+class TestDevice:
+    def test_cuda_without_a_gpu_is_a_clear_error(self, tmp_path, series):
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is available here")
+        with pytest.raises(ckptavg.CkptavgError, match="no CUDA device is available here; use --device cpu"):
+            ckptavg.average(series, ckptavg.swa(), out=tmp_path / "o.safetensors", device="cuda")
+        assert not (tmp_path / "o.safetensors").exists()
+
+    def test_unknown_device(self, tmp_path, series):
+        with pytest.raises(ckptavg.CkptavgError, match="--device tpu7: not a device name"):
+            ckptavg.average(series, ckptavg.swa(), out=tmp_path / "o.safetensors", device="tpu7")
