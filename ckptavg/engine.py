@@ -18,10 +18,7 @@ import torch
 
 from . import dtypes
 from .errors import CkptavgError
-from .plan import CHUNK_ELEMENTS, Plan, TensorPlan
-
-# Buffers of each kind that may be in flight between the engine and the writer.
-BUFFERS_IN_FLIGHT = 3
+from .plan import BUFFERS_IN_FLIGHT, CHUNK_ELEMENTS, Plan, TensorPlan
 
 Release = Callable[[], None] | None
 

@@ -32,6 +32,8 @@ from .writer import (
 
 # Elements per chunk of a large tensor: working memory is a few chunks, whatever the model size.
 CHUNK_ELEMENTS = 4 * 2**20
+# Buffers of each kind that may be in flight between the engine and the writer thread.
+BUFFERS_IN_FLIGHT = 3
 DEFAULT_FOLDER_SHARD_SIZE = "50GB"
 _SHOWN_NAMES = 5
 
@@ -100,11 +102,12 @@ class Plan:
 
     @property
     def working_bytes(self) -> int:
-        """Buffers the engine allocates: accumulator, cast scratch and output chunk."""
-        largest = max((t.numel for t in self.tensors if t.averaged), default=0)
-        elements = min(largest, CHUNK_ELEMENTS)
-        out_size = max((dtypes.itemsize(t.dtype) for t in self.tensors if t.averaged), default=0)
-        return elements * (2 * dtypes.itemsize(self.accum_dtype) + out_size)
+        """Most the engine's buffers can take: accumulators, a cast scratch, output chunks per dtype."""
+        averaged = [t for t in self.tensors if t.averaged]
+        elements = min(max((t.numel for t in averaged), default=0), CHUNK_ELEMENTS)
+        accumulators = (BUFFERS_IN_FLIGHT + 1) * dtypes.itemsize(self.accum_dtype)
+        outputs = BUFFERS_IN_FLIGHT * sum(dtypes.itemsize(d) for d in {t.dtype for t in averaged})
+        return elements * (accumulators + outputs)
 
     def metadata(self) -> dict[str, str]:
         """Provenance stored in the output's `__metadata__` (all values are strings)."""
