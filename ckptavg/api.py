@@ -22,17 +22,25 @@ from .plan import Plan, build_plan
 from .readers import Checkpoint, open_checkpoint
 from .schedules import Schedule
 from .sources import resolve_sources
+from .torch_format import save_torch_file
 from .writer import INDEX_NAME, OutputTransaction, ensure_free_space
 
 
 @contextmanager
 def open_checkpoints(
-    specs: Sequence[str | os.PathLike], *, keep_order: bool = False
+    specs: Sequence[str | os.PathLike],
+    *,
+    keep_order: bool = False,
+    key: str | None = None,
+    strip_prefix: Sequence[str] = (),
 ) -> Iterator[list[Checkpoint]]:
-    """Resolve specs (files, folders, quoted globs) and open each checkpoint, headers only."""
+    """Resolve specs (files, folders, quoted globs) and open each checkpoint, headers only.
+
+    `key` and `strip_prefix` are as in `open_checkpoint`.
+    """
     with ExitStack() as stack:
         yield [
-            stack.enter_context(open_checkpoint(path))
+            stack.enter_context(open_checkpoint(path, key=key, strip_prefix=strip_prefix))
             for path in resolve_sources(specs, keep_order=keep_order)
         ]
 
@@ -43,25 +51,33 @@ def average(
     out: str | os.PathLike,
     *,
     keep_order: bool = False,
+    key: str | None = None,
+    strip_prefix: Sequence[str] = (),
     dtype: str | None = None,
     accum_dtype: str = "float32",
     device: str = "cpu",
     max_shard_size: int | str | None = None,
     force: bool = False,
+    wrap_key: str | None = None,
     progress: bool = False,
 ) -> Plan:
     """Average checkpoints into `out`, streaming: memory stays flat whatever the model size.
 
     Args:
-        inputs: `.safetensors` files, folders holding one checkpoint, or glob patterns;
+        inputs: checkpoint files (`.safetensors`, `.pt`, `.pth`, `.bin`, `.ckpt`), folders
+            holding one checkpoint (or Trainer `checkpoint-N` folders), or glob patterns;
             sorted naturally (`step_2` before `step_10`) unless `keep_order`.
         schedule: `ckptavg.swa()`, `ckptavg.ema(decay)` or `ckptavg.weighted([...])`.
-        out: a `.safetensors` file, or a folder (ending in `/`) for Hugging Face shards.
+        out: a `.safetensors` file, a torch file (`.pt`, `.pth`, `.bin`), or a folder
+            (ending in `/`) for Hugging Face shards plus the last input's config files.
+        key: for torch files, the dict holding the weights (e.g. `state_dict_ema`).
+        strip_prefix: prefixes removed from tensor names (e.g. `["module."]`).
         dtype: output dtype of floating tensors; default: as in the first checkpoint.
         accum_dtype: `float32`, or `float64` for extra precision.
         device: `cpu`, `cuda`, `cuda:N` or `auto`; where the sums are computed.
         max_shard_size: largest output file, e.g. `"5GB"` (folder outputs).
         force: replace an existing output.
+        wrap_key: for a torch output, save `{wrap_key: state_dict}`.
         progress: show a progress bar over the bytes read.
 
     Returns:
@@ -70,7 +86,7 @@ def average(
     Raises:
         CkptavgError: a bad input or output, with a one-line message naming the file and tensor.
     """
-    with open_checkpoints(inputs, keep_order=keep_order) as checkpoints:
+    with open_checkpoints(inputs, keep_order=keep_order, key=key, strip_prefix=strip_prefix) as checkpoints:
         plan = build_plan(
             checkpoints,
             schedule,
@@ -79,6 +95,7 @@ def average(
             accum_dtype=accum_dtype,
             max_shard_size=max_shard_size,
             force=force,
+            wrap_key=wrap_key,
         )
         run_plan(plan, device=device, progress=progress)
         return plan
@@ -92,8 +109,9 @@ def run_plan(plan: Plan, *, device: str = "cpu", progress: bool = False) -> Path
     from .pipeline import WriteQueue
 
     if plan.output is None:
-        raise OutputError("the plan has no output; pass out= to build_plan")
-    ensure_free_space(plan.output, plan.output_nbytes)
+        raise OutputError("the plan has no output; pass output= to build_plan")
+    # A torch output is streamed to safetensors first, then saved from that file's map.
+    ensure_free_space(plan.output, plan.output_nbytes * (2 if plan.torch_output else 1))
     metadata = plan.metadata()
     with tqdm(
         total=plan.bytes_to_read,
@@ -106,16 +124,37 @@ def run_plan(plan: Plan, *, device: str = "cpu", progress: bool = False) -> Path
     ) as bar:
         engine = Engine(plan, resolve_device(device), on_read=bar.update)
         with OutputTransaction(plan.output, folder=plan.folder, force=plan.force) as output:
+            streamed = output.scratch_path(".safetensors") if plan.torch_output else None
+            writers = {}
+            for file in plan.files:
+                writer = output.safetensors(
+                    file.name, [t.entry for t in file.tensors], metadata, path=streamed
+                )
+                writers.update((t.name, writer) for t in file.tensors)
             with WriteQueue() as queue:
-                for file in plan.files:
-                    writer = output.safetensors(file.name, [t.entry for t in file.tensors], metadata)
-                    for tensor in file.tensors:
-                        for chunk, release in engine.chunks(tensor):
-                            queue.submit(writer.write, chunk, release=release)
+                for tensor in plan.computed:
+                    targets = plan.targets(tensor)
+                    for start, chunk, release in engine.chunks(tensor):
+                        for i, name in enumerate(targets):
+                            last = i == len(targets) - 1
+                            queue.submit(
+                                writers[name].write, name, start, chunk, release=release if last else None
+                            )
+                for writer in dict.fromkeys(writers.values()):
                     queue.submit(writer.finish)
                 queue.drain()
+            if plan.torch_output:
+                save_torch_file(
+                    streamed,
+                    output.path_of(plan.output.name),
+                    names=list(plan.checkpoints[0].tensors),
+                    wrap_key=plan.wrap_key,
+                    metadata=metadata,
+                )
             index = plan.index()
             if index is not None:
                 output.write_json(INDEX_NAME, index)
+            for extra in plan.extra_files:
+                output.copy_file(extra)
             output.commit()
     return plan.output

@@ -74,7 +74,20 @@ def _averaging_options(command):
             "--output",
             "output",
             metavar="PATH",
-            help="Output .safetensors file, or a folder ending in '/' for shards.",
+            help="Output file (.safetensors, or .pt/.pth/.bin for torch.save), or a folder "
+            "ending in '/' for Hugging Face shards.",
+        ),
+        click.option(
+            "--key",
+            metavar="NAME",
+            help="Torch files: the dict holding the weights, e.g. state_dict_ema or model_ema "
+            "(dotted for nesting) [default: a flat dict, else state_dict, model, ...].",
+        ),
+        click.option(
+            "--strip-prefix",
+            multiple=True,
+            metavar="PREFIX",
+            help="Remove this prefix from tensor names, e.g. module. (repeatable).",
         ),
         click.option(
             "--keep-order",
@@ -106,6 +119,11 @@ def _averaging_options(command):
             help="Largest output file, e.g. 5GB; writes Hugging Face shards into a folder "
             "[default for a folder: 50GB].",
         ),
+        click.option(
+            "--wrap-key",
+            metavar="NAME",
+            help="Torch output: save {NAME: state_dict} instead of the plain state dict.",
+        ),
         click.option("--force", is_flag=True, help="Replace an existing output."),
         click.option("--dry-run", is_flag=True, help="Check the inputs and print the plan; write nothing."),
         click.option("-q", "--quiet", is_flag=True, help="Print only warnings and errors."),
@@ -120,8 +138,9 @@ def _averaging_options(command):
 def main():
     """Average model checkpoints: EMA, SWA or explicit weights.
 
-    Inputs are .safetensors files, folders holding one checkpoint (model.safetensors,
-    or shards with a *.safetensors.index.json), or quoted glob patterns. They are
+    Inputs are checkpoint files (.safetensors, .pt, .pth, .bin, .ckpt), Hugging Face
+    model folders (model.safetensors, pytorch_model.bin, or shards with an index),
+    runs of Trainer checkpoint-N folders, or quoted glob patterns. They are
     averaged in natural order (step_2 before step_10), one tensor at a time, so
     memory stays flat whatever the model size. The output is written atomically:
     a failed or interrupted run leaves nothing behind.
@@ -145,6 +164,7 @@ def swa(**options):
     \b
     ckptavg swa 'ckpts/*.safetensors' -o swa.safetensors
     ckptavg swa run/step_*/ -o swa/ --max-shard-size 5GB
+    ckptavg swa 'ckpts/*.pth' --key model_ema --strip-prefix module. -o swa.pt
     """
     from .schedules import swa as schedule
 
@@ -213,11 +233,14 @@ def _average(
     *,
     inputs,
     output,
+    key,
+    strip_prefix,
     keep_order,
     dtype,
     accum_dtype,
     device,
     max_shard_size,
+    wrap_key,
     force,
     dry_run,
     quiet,
@@ -227,7 +250,7 @@ def _average(
 
     if output is None and not dry_run:
         raise click.UsageError("give an output with -o PATH (or check the inputs with --dry-run)")
-    with open_checkpoints(inputs, keep_order=keep_order) as checkpoints:
+    with open_checkpoints(inputs, keep_order=keep_order, key=key, strip_prefix=strip_prefix) as checkpoints:
         plan = build_plan(
             checkpoints,
             schedule,
@@ -236,6 +259,7 @@ def _average(
             accum_dtype=accum_dtype,
             max_shard_size=max_shard_size,
             force=force,
+            wrap_key=wrap_key,
         )
         if not quiet or dry_run:
             click.echo("\n".join(plan.describe()))
@@ -256,13 +280,14 @@ def _average(
 
 @main.command(context_settings=_CONTEXT)
 @click.argument("path", metavar="CHECKPOINT")
+@click.option("--key", metavar="NAME", help="Torch files: the dict holding the weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print tensors and metadata as JSON.")
 @click.option("--no-tensors", is_flag=True, help="Print totals and metadata only.")
 @_reports_errors
-def inspect(path, as_json, no_tensors):
+def inspect(path, key, as_json, no_tensors):
     """Show a checkpoint's tensors (name, dtype, shape), totals and metadata.
 
-    Reads headers only, so it is instant on any size. For a ckptavg output the
+    Reads headers only (torch files are mapped lazily), so it is instant on any size. For a ckptavg output the
     metadata says the method, its parameters and each input with its weight.
 
     \b
@@ -273,8 +298,10 @@ def inspect(path, as_json, no_tensors):
     from .sources import resolve_sources
     from .units import format_bytes
 
-    (location,) = resolve_sources([path])
-    with open_checkpoint(location) as ck:
+    locations = resolve_sources([path])
+    if len(locations) > 1:
+        raise click.UsageError(f"{path} holds {len(locations)} checkpoints; inspect one of them")
+    with open_checkpoint(locations[0], key=key) as ck:
         if as_json:
             click.echo(
                 json.dumps(
@@ -289,7 +316,7 @@ def inspect(path, as_json, no_tensors):
                 )
             )
             return
-        click.echo(str(ck.path))
+        click.echo(str(ck.path) + (f"  ({'; '.join(ck.notes)})" if ck.notes else ""))
         if not no_tensors:
             width = max((len(n) for n in ck.tensors), default=4)
             for name, info in ck.tensors.items():

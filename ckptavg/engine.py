@@ -21,6 +21,7 @@ from .errors import CkptavgError
 from .plan import BUFFERS_IN_FLIGHT, CHUNK_ELEMENTS, Plan, TensorPlan
 
 Release = Callable[[], None] | None
+Chunk = tuple[int, torch.Tensor, Release]  # (byte offset in the tensor, values, release)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -73,29 +74,30 @@ class Engine:
         self._scratch = _BufferPool(self._chunk, accum, device, 1)
         self._outputs: dict[torch.dtype, _BufferPool] = {}
 
-    def chunks(self, tensor: TensorPlan) -> Iterator[tuple[torch.Tensor, Release]]:
-        """The output tensor's bytes in order, as contiguous CPU tensors.
+    def chunks(self, tensor: TensorPlan) -> Iterator[Chunk]:
+        """The output tensor's values in order, as contiguous CPU tensors.
 
-        Each comes with a `release` callback (or None): call it once the bytes
-        are written, to hand the buffer back for a later chunk.
+        Each comes with its byte offset in the tensor and a `release` callback
+        (or None): call it once the bytes are written, to hand the buffer back.
         """
         if tensor.averaged:
             yield from self._average(tensor)
         else:
             yield from self._copy(tensor)
 
-    def _copy(self, tensor: TensorPlan) -> Iterator[tuple[torch.Tensor, Release]]:
+    def _copy(self, tensor: TensorPlan) -> Iterator[Chunk]:
         source = self.plan.last.get(tensor.name).reshape(-1)
         out_dtype = dtypes.torch_dtype(tensor.dtype)
         for start in range(0, source.numel(), self._chunk):
             piece = source[start : start + self._chunk]
             self._on_read(piece.numel() * piece.element_size())
+            offset = start * out_dtype.itemsize
             if piece.dtype == out_dtype:
-                yield piece, None
+                yield offset, piece, None
             else:
-                yield self._cast_out(piece, out_dtype)
+                yield offset, *self._cast_out(piece, out_dtype)
 
-    def _average(self, tensor: TensorPlan) -> Iterator[tuple[torch.Tensor, Release]]:
+    def _average(self, tensor: TensorPlan) -> Iterator[Chunk]:
         sources = [
             (ck.get(tensor.name).reshape(-1), weight)
             for ck, weight in zip(self.plan.checkpoints, self.plan.weights, strict=True)
@@ -116,12 +118,13 @@ class Engine:
                     acc.add_(piece, alpha=weight)
                 self._on_read(count * source.element_size())
             self._scratch.release(scratch)
+            offset = start * out_dtype.itemsize
             if out_dtype == acc.dtype and acc.device.type == "cpu":
-                yield acc, lambda buffer=buffer: self._accumulators.release(buffer)
+                yield offset, acc, lambda buffer=buffer: self._accumulators.release(buffer)
             else:
                 out = self._cast_out(acc, out_dtype)
                 self._accumulators.release(buffer)
-                yield out
+                yield offset, *out
 
     def _to_accum(self, piece: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
         """The piece in the accumulator's dtype and device, through the scratch buffer if it must change."""

@@ -20,11 +20,14 @@ from . import __version__, dtypes
 from .errors import MismatchError, OutputError
 from .readers import Checkpoint
 from .schedules import Schedule
+from .sources import model_folder_files
 from .units import format_bytes, parse_size
 from .writer import (
     INDEX_NAME,
     SHARD_NAME,
     SINGLE_FILE_NAME,
+    TORCH_OUTPUT_SUFFIXES,
+    VERSION_KEY,
     Entry,
     check_target,
     layout_order,
@@ -40,12 +43,17 @@ _SHOWN_NAMES = 5
 
 @dataclass(frozen=True)
 class TensorPlan:
-    """One output tensor: averaged over every checkpoint, or copied from the last."""
+    """One output tensor: averaged over every checkpoint, or copied from the last.
+
+    A tensor tied to another in every input (`same_as`) is not computed again:
+    the other's result is written under its name too.
+    """
 
     name: str
     shape: tuple[int, ...]
     dtype: str
     averaged: bool
+    same_as: str | None = None
 
     @property
     def entry(self) -> Entry:
@@ -81,11 +89,23 @@ class Plan:
     folder: bool = False
     files: list[OutputFile] = field(default_factory=list)
     force: bool = False
+    torch_output: bool = False
+    wrap_key: str | None = None
+    extra_files: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     @property
     def last(self) -> Checkpoint:
         return self.checkpoints[-1]
+
+    @property
+    def computed(self) -> list[TensorPlan]:
+        """The tensors the engine computes (tied copies excluded), in write order."""
+        return [t for t in self.tensors if t.same_as is None]
+
+    def targets(self, tensor: TensorPlan) -> list[str]:
+        """Every output name a computed tensor is written under: its own and its tied copies'."""
+        return [tensor.name, *(t.name for t in self.tensors if t.same_as == tensor.name)]
 
     @property
     def output_nbytes(self) -> int:
@@ -95,7 +115,7 @@ class Plan:
     def bytes_to_read(self) -> int:
         """Input bytes the engine reads: averaged tensors from every checkpoint, copies from the last."""
         total = 0
-        for tensor in self.tensors:
+        for tensor in self.computed:
             sources = self.checkpoints if tensor.averaged else [self.last]
             total += sum(ck.tensors[tensor.name].nbytes for ck in sources)
         return total
@@ -113,7 +133,7 @@ class Plan:
         """Provenance stored in the output's `__metadata__` (all values are strings)."""
         return {
             "format": self.checkpoints[0].metadata.get("format", "pt"),
-            "ckptavg.version": __version__,
+            VERSION_KEY: __version__,
             "ckptavg.method": self.schedule.method,
             "ckptavg.params": json.dumps(self.schedule.params()),
             "ckptavg.accum_dtype": _user_dtype(self.accum_dtype),
@@ -144,7 +164,8 @@ class Plan:
         heaviest = max(self.weights)
         for i, (ck, w) in enumerate(zip(self.checkpoints, self.weights, strict=True), 1):
             bar = "█" * max(1 if w > 0 else 0, round(20 * w / heaviest)) if heaviest > 0 else ""
-            lines.append(f"  {i:>3}  {w:8.4f}  {bar:<20}  {ck.path}")
+            notes = f"  ({'; '.join(ck.notes)})" if ck.notes else ""
+            lines.append(f"  {i:>3}  {w:8.4f}  {bar:<20}  {ck.path}{notes}")
         averaged = [t for t in self.tensors if t.averaged]
         copied = len(self.tensors) - len(averaged)
         numel = sum(ck_info.numel for ck_info in self.checkpoints[0].tensors.values())
@@ -153,6 +174,11 @@ class Plan:
             f"{_user_dtype(self.accum_dtype)}"
             + (f", {copied} integer/bool copied from the last checkpoint)" if copied else ")")
         )
+        for tensor in self.tensors:
+            if tensor.same_as is not None:
+                lines.append(
+                    f"tied:       '{tensor.name}' = '{tensor.same_as}' (averaged once, written under both)"
+                )
         lines.append(f"parameters: {numel:,}")
         lines.append(
             f"input:      {format_bytes(sum(ck.nbytes for ck in self.checkpoints))} in "
@@ -168,8 +194,14 @@ class Plan:
                     f"writes:     {self.output}{os.sep} ({len(self.files)} file"
                     f"{'s' if len(self.files) != 1 else ''}: {what}{index})"
                 )
+            elif self.torch_output:
+                wrapped = f"{{'{self.wrap_key}': state_dict}}" if self.wrap_key else "a plain state dict"
+                lines.append(f"writes:     {self.output} (torch.save of {wrapped})")
             else:
                 lines.append(f"writes:     {self.output}")
+            if self.extra_files:
+                names = ", ".join(p.name for p in self.extra_files)
+                lines.append(f"copies:     {names} from {self.extra_files[0].parent}")
         lines.append(
             f"memory:     ~{format_bytes(self.working_bytes)} of buffers "
             f"(chunks of {CHUNK_ELEMENTS // 2**20}M elements, whatever the model size)"
@@ -186,18 +218,21 @@ def build_plan(
     accum_dtype: str = "float32",
     max_shard_size: int | str | None = None,
     force: bool = False,
+    wrap_key: str | None = None,
 ) -> Plan:
     """Validate the inputs and decide everything a run will do, reading headers only.
 
     Args:
         checkpoints: opened inputs, in averaging order (oldest first).
         schedule: the method, e.g. `schedules.ema(0.99)`.
-        output: a `.safetensors` file, or a folder (ending in `/`, or existing) for shards.
+        output: a `.safetensors` file, a torch file (`.pt`, `.pth`, `.bin`), or a folder
+            (ending in `/`, or existing) for Hugging Face shards.
         dtype: output dtype of averaged tensors (`float32`, `bfloat16`, `float16`);
             default: each tensor's dtype in the first checkpoint.
         accum_dtype: `float32`, or `float64` for extra precision.
         max_shard_size: largest output file, e.g. `"5GB"`; implies a folder output.
         force: replace an existing output.
+        wrap_key: for a torch output, save `{wrap_key: state_dict}` instead of the state dict.
 
     Raises:
         MismatchError: the checkpoints do not hold the same tensors with the same shapes.
@@ -213,10 +248,11 @@ def build_plan(
         raise OutputError(f"--accum-dtype must be float32 or float64, got {accum_dtype}")
     first, last = checkpoints[0], checkpoints[-1]
     averaging = len(checkpoints) > 1
+    same_as = _tied_in_every_input(checkpoints)
     tensors = [
-        TensorPlan(name, info.shape, out_dtype or info.dtype, averaged=averaging)
+        TensorPlan(name, info.shape, out_dtype or info.dtype, averaged=averaging, same_as=same_as.get(name))
         if info.is_floating
-        else TensorPlan(name, info.shape, last.tensors[name].dtype, averaged=False)
+        else TensorPlan(name, info.shape, last.tensors[name].dtype, averaged=False, same_as=same_as.get(name))
         for name, info in first.tensors.items()
     ]
     order = {entry.name: i for i, entry in enumerate(layout_order(t.entry for t in tensors))}
@@ -227,8 +263,19 @@ def build_plan(
     if len(checkpoints) == 1:
         plan.warnings.append(f"only one checkpoint ({first.path}): the output is a copy of it")
     if output is not None:
-        _lay_out(plan, output, max_shard_size)
+        _lay_out(plan, output, max_shard_size, wrap_key)
+    elif wrap_key is not None:
+        raise OutputError("--wrap-key needs a torch output (-o out.pt)")
     return plan
+
+
+def _tied_in_every_input(checkpoints: Sequence[Checkpoint]) -> dict[str, str]:
+    """Tied name -> the name it repeats, for ties that hold in every checkpoint."""
+    common = None
+    for ck in checkpoints:
+        groups = {tuple(group) for group in ck.tied}
+        common = groups if common is None else common & groups
+    return {name: group[0] for group in sorted(common or ()) for name in group[1:]}
 
 
 def _check_same_model(checkpoints: Sequence[Checkpoint]) -> None:
@@ -266,22 +313,33 @@ def _check_same_model(checkpoints: Sequence[Checkpoint]) -> None:
                 )
 
 
-def _lay_out(plan: Plan, output: str | os.PathLike, max_shard_size: int | str | None) -> None:
+def _lay_out(
+    plan: Plan, output: str | os.PathLike, max_shard_size: int | str | None, wrap_key: str | None
+) -> None:
     text = os.fspath(output)
     target = Path(text)
     folder = text.endswith(("/", os.sep)) or target.is_dir()
+    torch_output = not folder and target.suffix in TORCH_OUTPUT_SUFFIXES
     if not folder and max_shard_size is not None:
         raise OutputError(
             f"{target}: --max-shard-size writes shards into a folder; give -o {target.with_suffix('')}/"
         )
-    if not folder and target.suffix != ".safetensors":
-        raise OutputError(f"{target}: give a file ending in .safetensors, or a folder ending in '/'")
+    if not folder and not torch_output and target.suffix != ".safetensors":
+        raise OutputError(
+            f"{target}: give a file ending in .safetensors, {', '.join(TORCH_OUTPUT_SUFFIXES)}, "
+            "or a folder ending in '/'"
+        )
+    if wrap_key is not None and not torch_output:
+        raise OutputError(
+            f"{target}: --wrap-key applies to torch outputs ({', '.join(TORCH_OUTPUT_SUFFIXES)})"
+        )
     _refuse_input_as_output(plan.checkpoints, target, folder)
     check_target(target, folder=folder, force=plan.force)
-    plan.output, plan.folder = target, folder
+    plan.output, plan.folder, plan.torch_output, plan.wrap_key = target, folder, torch_output, wrap_key
     if not folder:
         plan.files = [OutputFile(target.name, tuple(plan.tensors))]
         return
+    plan.extra_files = model_folder_files(plan.last.folder)
     limit = parse_size(max_shard_size if max_shard_size is not None else DEFAULT_FOLDER_SHARD_SIZE)
     shards: list[list[TensorPlan]] = [[]]
     size = 0

@@ -1,10 +1,16 @@
 """Checkpoint readers: names, dtypes and shapes up front, tensors on demand.
 
-Headers are read and validated by `safetensors.safe_open` (offsets tile the
-data, sizes match the file). Data is read from one private memory map per file:
-`Checkpoint.get` slices it at the tensor's offsets, a zero-copy view that costs
-no memory beyond page cache, and ~10x less per call than `safe_open.get_tensor`
-(which matters for models with thousands of small tensors). Callers must never
+One `Checkpoint` interface over every layout: a `.safetensors` file, a torch
+file (`.pt .pth .bin .ckpt`), or the shards of either listed by a
+`*.index.json`. Names can have prefixes stripped (`module.`, `model.`), so
+checkpoints saved by different wrappers line up.
+
+safetensors headers are read and validated by `safetensors.safe_open` (offsets
+tile the data, sizes match the file). Data is read from one private memory map
+per file: `Checkpoint.get` slices it at the tensor's offsets, a zero-copy view
+that costs no memory beyond page cache, and ~10x less per call than
+`safe_open.get_tensor` (which matters for models with thousands of small
+tensors). Torch files are mapped by `torch.load(mmap=True)`. Callers must never
 write into a returned tensor (the pages would turn into private copies).
 """
 
@@ -13,40 +19,78 @@ from __future__ import annotations
 import json
 import mmap
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import dtypes
 from .dtypes import TensorInfo
 from .errors import InputError
-from .sources import INDEX_SUFFIX
+from .torch_format import TORCH_SUFFIXES, find_state_dict, load_torch_file, tied_groups
+from .writer import METADATA_KEY
+
+INDEX_SUFFIX = ".index.json"
+SAFETENSORS_SUFFIX = ".safetensors"
 
 
 class Checkpoint:
     """One input checkpoint, whole: a single file or every shard of a sharded one.
 
     Attributes:
-        path: the file the user's spec resolved to (a `.safetensors` file or an index).
-        tensors: name -> `TensorInfo`, in the order the file lists them.
-        metadata: the string metadata stored with the checkpoint.
+        path: the file the user's spec resolved to (a weights file or an index).
+        tensors: name -> `TensorInfo`, names as averaged (prefixes stripped).
+        metadata: string metadata stored with a safetensors checkpoint.
+        notes: how the checkpoint was read (key, stripped prefixes, skipped
+            entries, tied tensors), for the plan.
+        tied: groups of names that share memory in the file.
     """
 
     def __init__(
-        self,
-        path: Path,
-        tensors: dict[str, TensorInfo],
-        metadata: dict[str, str],
-        shard_of: dict[str, Path],
+        self, path: Path, shards: Sequence, weight_map: dict[str, str] | None, strip_prefix: Sequence[str]
     ):
         self.path = path
-        self.tensors = tensors
-        self.metadata = metadata
-        self._shard_of = shard_of
-        self._mapped: dict[Path, _MappedFile] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}
+        self.notes: list[str] = []
+        self.tied: list[list[str]] = []
+        self._shards = list(shards)
+        self._where: dict[str, tuple] = {}
+        stored_of: dict[str, str] = {}
+        for shard in self._shards:
+            self.metadata = self.metadata or shard.metadata
+            self.tied += shard.tied
+            for stored, info in shard.tensors.items():
+                if weight_map is not None and weight_map.get(stored) != shard.path.name:
+                    continue
+                name = _strip(stored, strip_prefix)
+                if name in stored_of:
+                    raise InputError(
+                        f"{shard.path}: tensors '{stored_of[name]}' and '{stored}' are both '{name}' "
+                        "after stripping prefixes; strip fewer prefixes"
+                    )
+                stored_of[name] = stored
+                self.tensors[name] = info
+                self._where[name] = (shard, stored)
+        if weight_map is not None:
+            missing = [stored for stored in weight_map if _strip(stored, strip_prefix) not in self.tensors]
+            if missing:
+                raise InputError(
+                    f"{path}: tensor '{missing[0]}' is not in {weight_map[missing[0]]}"
+                    + (f" ({len(missing) - 1} more tensors missing)" if len(missing) > 1 else "")
+                )
+        self.tied = [[_strip(n, strip_prefix) for n in group] for group in self.tied]
+        self.notes = [note for shard in self._shards[:1] for note in shard.notes]
+        stripped = [p for p in strip_prefix if any(s.startswith(p) for s in stored_of.values())]
+        if stripped:
+            self.notes.append("stripped " + ", ".join(f"'{p}'" for p in stripped))
 
     @property
     def files(self) -> list[Path]:
         """Every file this checkpoint is made of: the given path and its shards."""
-        return [self.path, *sorted(set(self._shard_of.values()) - {self.path})]
+        return [self.path, *sorted({shard.path for shard in self._shards} - {self.path})]
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
 
     @property
     def nbytes(self) -> int:
@@ -54,15 +98,13 @@ class Checkpoint:
 
     def get(self, name: str):
         """The tensor `name` as a read-only, zero-copy view of the mapped file."""
-        shard = self._shard_of[name]
-        mapped = self._mapped.get(shard)
-        if mapped is None:
-            mapped = self._mapped[shard] = _MappedFile(shard)
-        return mapped.get(name, self.tensors[name])
+        shard, stored = self._where[name]
+        return shard.get(stored, self.tensors[name])
 
     def close(self) -> None:
         """Drop the maps; they are unmapped once no tensor view refers to them."""
-        self._mapped.clear()
+        self._shards.clear()
+        self._where.clear()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -74,30 +116,81 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors)"
 
 
-class _MappedFile:
-    """A safetensors file mapped once; tensors are views at their data offsets."""
+def open_checkpoint(
+    path: str | Path, *, key: str | None = None, strip_prefix: Sequence[str] = ()
+) -> Checkpoint:
+    """Open a checkpoint file, or a sharded checkpoint through its `*.index.json`.
+
+    Args:
+        path: `.safetensors`, `.pt`/`.pth`/`.bin`/`.ckpt`, or an index of shards of either.
+        key: for torch files, where the weights are (e.g. `state_dict_ema`; dotted for nesting);
+            default: a flat dict as is, else the first usual key (`state_dict`, `model`, ...).
+        strip_prefix: prefixes removed from tensor names, in order (e.g. `module.`).
+
+    Reads headers only (safetensors) or maps lazily (torch); tensor data is read by `get`.
+
+    Raises:
+        InputError: the file is missing, not a checkpoint ckptavg reads, holds classes
+            that could run code, or an index names a shard or tensor that is not there.
+    """
+    path = Path(path)
+    if path.name.endswith(INDEX_SUFFIX):
+        weight_map = _read_weight_map(path)
+        shard_paths = []
+        for shard_name in dict.fromkeys(weight_map.values()):
+            shard = path.parent / shard_name
+            if not shard.is_file():
+                raise InputError(f"{path}: names shard {shard_name}, which does not exist")
+            shard_paths.append(shard)
+        shards = [_open_file(shard, key) for shard in shard_paths]
+        checkpoint = Checkpoint(path, shards, weight_map, strip_prefix)
+    else:
+        checkpoint = Checkpoint(path, [_open_file(path, key)], None, strip_prefix)
+    if not checkpoint.tensors:
+        raise InputError(f"{path}: holds no tensors")
+    return checkpoint
+
+
+def _open_file(path: Path, key: str | None):
+    if path.suffix in TORCH_SUFFIXES:
+        return _TorchFile(path, key)
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return _SafetensorsFile(path)
+    raise InputError(
+        f"{path}: not a checkpoint file ckptavg reads (.safetensors, {', '.join(TORCH_SUFFIXES)})"
+    )
+
+
+def _strip(name: str, prefixes: Sequence[str]) -> str:
+    for prefix in prefixes:
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name
+
+
+class _SafetensorsFile:
+    """A safetensors file: header validated by safetensors, data from one private map."""
+
+    notes: tuple[str, ...] = ()
+    tied: tuple = ()
 
     def __init__(self, path: Path):
-        import torch
-
         self.path = path
-        try:
-            with open(path, "rb") as f:
-                # ACCESS_COPY (MAP_PRIVATE, as safetensors maps): writable for torch, never written back.
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        except (OSError, ValueError) as e:
-            raise InputError(f"{path}: cannot map the file: {e}") from e
-        (header_length,) = struct.unpack("<Q", self._map[:8])
-        header = json.loads(self._map[8 : 8 + header_length])
-        start = 8 + header_length
-        self._offsets = {
-            name: (start + entry["data_offsets"][0], start + entry["data_offsets"][1])
-            for name, entry in header.items()
-            if name != "__metadata__"
-        }
-        self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+        handle = _safe_open(path)
+        self.tensors = {}
+        for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+            view = handle.get_slice(name)
+            dtype = view.get_dtype()
+            if not dtypes.is_known(dtype):
+                raise InputError(f"{path}: tensor '{name}' has dtype {dtype}, which ckptavg cannot average")
+            self.tensors[name] = TensorInfo(dtype, tuple(view.get_shape()))
+        self.metadata = dict(handle.metadata() or {})
+        self._bytes = None
+        self._offsets: dict[str, tuple[int, int]] = {}
 
     def get(self, name: str, info: TensorInfo):
+        if self._bytes is None:
+            self._map()
         begin, end = self._offsets[name]
         raw = self._bytes[begin:end]
         try:
@@ -105,21 +198,51 @@ class _MappedFile:
         except RuntimeError:  # misaligned data (files from old writers): a copy, still correct
             return raw.clone().view(dtypes.torch_dtype(info.dtype)).view(info.shape)
 
+    def _map(self) -> None:
+        import torch
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a `.safetensors` file or a sharded checkpoint's `*.safetensors.index.json`.
+        try:
+            with open(self.path, "rb") as f:
+                # ACCESS_COPY (MAP_PRIVATE, as safetensors maps): writable for torch, never written back.
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as e:
+            raise InputError(f"{self.path}: cannot map the file: {e}") from e
+        (header_length,) = struct.unpack("<Q", mapped[:8])
+        header = json.loads(mapped[8 : 8 + header_length])
+        start = 8 + header_length
+        self._offsets = {
+            name: (start + entry["data_offsets"][0], start + entry["data_offsets"][1])
+            for name, entry in header.items()
+            if name != METADATA_KEY
+        }
+        self._bytes = torch.frombuffer(mapped, dtype=torch.uint8)
 
-    Reads headers only; tensor data is read when `Checkpoint.get` is called.
 
-    Raises:
-        InputError: the file is missing, not valid safetensors, or an index
-            names a shard or tensor that is not there.
-    """
-    path = Path(path)
-    if path.name.endswith(INDEX_SUFFIX):
-        return _open_sharded(path)
-    tensors, metadata = _read_header(path)
-    return Checkpoint(path, tensors, metadata, dict.fromkeys(tensors, path))
+class _TorchFile:
+    """A torch checkpoint, mapped lazily; only the chosen dict of weights is used."""
+
+    metadata: dict[str, str] = {}  # noqa: RUF012 (never mutated)
+
+    def __init__(self, path: Path, key: str | None):
+        self.path = path
+        tensors, used_key, skipped = find_state_dict(load_torch_file(path), path, key)
+        self.tensors = {}
+        for name, tensor in tensors.items():
+            try:
+                dtype = dtypes.safetensors_name(tensor.dtype)
+            except KeyError:
+                raise InputError(
+                    f"{path}: tensor '{name}' has dtype {tensor.dtype}, which ckptavg cannot average"
+                ) from None
+            self.tensors[name] = TensorInfo(dtype, tuple(tensor.shape))
+        self._values = tensors
+        self.tied = tied_groups(tensors)
+        self.notes = [f"torch, key '{used_key}'" if used_key else "torch, flat state dict"]
+        if skipped:
+            self.notes.append(f"{skipped} non-tensor entr{'y' if skipped == 1 else 'ies'} skipped")
+
+    def get(self, name: str, info: TensorInfo):
+        return self._values[name]
 
 
 def _safe_open(path: Path):
@@ -133,43 +256,6 @@ def _safe_open(path: Path):
         raise InputError(f"{path}: is a folder, not a safetensors file") from e
     except Exception as e:  # SafetensorError, OSError: the file is not what it should be
         raise InputError(f"{path}: not a readable safetensors file ({e})") from e
-
-
-def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    handle = _safe_open(path)
-    tensors = {}
-    for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
-        view = handle.get_slice(name)
-        dtype = view.get_dtype()
-        if not dtypes.is_known(dtype):
-            raise InputError(f"{path}: tensor '{name}' has dtype {dtype}, which ckptavg cannot average")
-        tensors[name] = TensorInfo(dtype, tuple(view.get_shape()))
-    return tensors, dict(handle.metadata() or {})
-
-
-def _open_sharded(index_path: Path) -> Checkpoint:
-    weight_map = _read_weight_map(index_path)
-    tensors: dict[str, TensorInfo] = {}
-    shard_of: dict[str, Path] = {}
-    metadata: dict[str, str] = {}
-    for shard_name in sorted(set(weight_map.values())):
-        shard = index_path.parent / shard_name
-        if not shard.is_file():
-            raise InputError(f"{index_path}: names shard {shard_name}, which does not exist")
-        shard_tensors, shard_metadata = _read_header(shard)
-        metadata = metadata or shard_metadata
-        for name, info in shard_tensors.items():
-            if weight_map.get(name) == shard_name:
-                tensors[name] = info
-                shard_of[name] = shard
-    missing = [name for name in weight_map if name not in tensors]
-    if missing:
-        raise InputError(
-            f"{index_path}: tensor '{missing[0]}' is not in {weight_map[missing[0]]}"
-            + (f" ({len(missing) - 1} more tensors missing)" if len(missing) > 1 else "")
-        )
-    ordered = {name: tensors[name] for name in weight_map}
-    return Checkpoint(index_path, ordered, metadata, shard_of)
 
 
 def _read_weight_map(index_path: Path) -> dict[str, str]:

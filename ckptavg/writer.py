@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import struct
 import uuid
@@ -32,8 +31,9 @@ TEMP_MARKER = ".ckptavg-tmp"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_FILE_NAME = "model.safetensors"
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
-# The only files an existing output folder may hold for --force to replace it whole.
-_REPLACEABLE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$|^model\.safetensors\.index\.json$")
+TORCH_OUTPUT_SUFFIXES = (".pt", ".pth", ".bin")
+VERSION_KEY = "ckptavg.version"
+METADATA_KEY = "__metadata__"
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,11 @@ def encode_header(entries: Sequence[Entry], metadata: dict[str, str]) -> bytes:
     """The 8-byte length prefix and padded JSON header for tensors written in `entries` order."""
     header: dict[str, object] = {}
     if metadata:
-        header["__metadata__"] = metadata
+        header[METADATA_KEY] = metadata
     offset = 0
     for entry in entries:
+        if entry.name == METADATA_KEY:
+            raise OutputError(f"a tensor is named '{METADATA_KEY}', which safetensors reserves; rename it")
         header[entry.name] = {
             "dtype": entry.dtype,
             "shape": list(entry.shape),
@@ -73,17 +75,28 @@ def encode_header(entries: Sequence[Entry], metadata: dict[str, str]) -> bytes:
 
 
 class SafetensorsWriter:
-    """Writes one safetensors file sequentially: `write` each tensor's bytes in entry order."""
+    """Writes one safetensors file: the header at once, then each tensor's bytes at its offset.
+
+    Writes are positioned (`pwrite`), so a chunk can go to several tensors (tied
+    weights) and the order of writes does not matter; `finish` checks that every
+    declared byte was written.
+    """
 
     def __init__(self, path: Path, entries: Sequence[Entry], metadata: dict[str, str]):
         self.path = path
+        header = encode_header(entries, metadata)
         self._expected = sum(entry.nbytes for entry in entries)
         self._written = 0
+        self._offsets: dict[str, int] = {}
+        offset = len(header)
+        for entry in entries:
+            self._offsets[entry.name] = offset
+            offset += entry.nbytes
         self._file = open(path, "xb", buffering=0)  # noqa: SIM115 (closed in finish/abort)
-        self._write_all(memoryview(encode_header(entries, metadata)))
+        self._write_all(memoryview(header), 0)
 
-    def write(self, tensor) -> None:
-        """Append a contiguous CPU tensor's bytes (any dtype, any shape)."""
+    def write(self, name: str, start: int, tensor) -> None:
+        """Write a contiguous CPU tensor's bytes into tensor `name`, `start` bytes into its data."""
         if tensor.numel() == 0:
             return
         import torch
@@ -92,7 +105,7 @@ class SafetensorsWriter:
         self._written += raw.nbytes
         if self._written > self._expected:
             raise OutputError(f"{self.path}: more data than the header declares (internal error)")
-        self._write_all(memoryview(raw))
+        self._write_all(memoryview(raw), self._offsets[name] + start)
 
     def finish(self) -> None:
         """Check every declared byte was written, then flush to disk."""
@@ -106,13 +119,14 @@ class SafetensorsWriter:
     def abort(self) -> None:
         self._file.close()
 
-    def _write_all(self, data: memoryview) -> None:
+    def _write_all(self, data: memoryview, offset: int) -> None:
         while data:
             try:
-                count = self._file.write(data)
+                count = os.pwrite(self._file.fileno(), data, offset)
             except OSError as e:
                 raise OutputError(f"{self.path}: write failed: {e.strerror or e}") from e
             data = data[count:]
+            offset += count
 
 
 class OutputTransaction:
@@ -130,6 +144,7 @@ class OutputTransaction:
         check_target(target, folder=folder, force=force)
         self._temp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}{TEMP_MARKER}"
         self._writers: list[SafetensorsWriter] = []
+        self._scratch: list[Path] = []
         self._committed = False
 
     def __enter__(self) -> OutputTransaction:
@@ -145,9 +160,25 @@ class OutputTransaction:
         """Where to write file `name` of the output (a temporary path until commit)."""
         return self._temp / name if self.folder else self._temp
 
-    def safetensors(self, name: str, entries: Sequence[Entry], metadata: dict[str, str]) -> SafetensorsWriter:
+    def scratch_path(self, suffix: str) -> Path:
+        """A temporary file next to the output, removed when the block ends, committed or not."""
+        path = self.target.parent / f".{self.target.name}.{uuid.uuid4().hex[:8]}{TEMP_MARKER}{suffix}"
+        self._scratch.append(path)
+        return path
+
+    def copy_file(self, source: Path) -> None:
+        """Copy `source` into the output folder under its own name."""
         try:
-            writer = SafetensorsWriter(self.path_of(name), entries, metadata)
+            shutil.copyfile(source, self.path_of(source.name))
+        except OSError as e:
+            raise OutputError(f"{self.target}: cannot copy {source}: {e.strerror or e}") from e
+
+    def safetensors(
+        self, name: str, entries: Sequence[Entry], metadata: dict[str, str], path: Path | None = None
+    ) -> SafetensorsWriter:
+        """A writer for file `name` of the output (or for `path`, such as a scratch file)."""
+        try:
+            writer = SafetensorsWriter(path or self.path_of(name), entries, metadata)
         except OSError as e:
             raise OutputError(f"{self.target}: cannot create {name}: {e.strerror or e}") from e
         self._writers.append(writer)
@@ -178,6 +209,8 @@ class OutputTransaction:
         self._committed = True
 
     def __exit__(self, *exc) -> None:
+        for path in self._scratch:
+            path.unlink(missing_ok=True)
         if self._committed:
             return
         for writer in self._writers:
@@ -202,11 +235,9 @@ def check_target(target: Path, *, folder: bool, force: bool) -> None:
         contents = list(target.iterdir())
         if not contents:
             return
-        others = [p.name for p in contents if not p.is_file() or not _REPLACEABLE.match(p.name)]
-        if others:
+        if not _written_by_ckptavg(target) or any(not p.is_file() for p in contents):
             raise OutputError(
-                f"{target}: holds files that ckptavg did not write ({', '.join(sorted(others)[:3])}); "
-                "write to a new or empty folder"
+                f"{target}: holds files that ckptavg did not write; write to a new or empty folder"
             )
         if not force:
             raise OutputError(f"{target}: already holds a checkpoint; pass --force to replace it")
@@ -215,6 +246,22 @@ def check_target(target: Path, *, folder: bool, force: bool) -> None:
         raise OutputError(f"{target}: is a folder; for a folder output end the path with '/'")
     if not force:
         raise OutputError(f"{target}: already exists; pass --force to replace it")
+
+
+def _written_by_ckptavg(folder: Path) -> bool:
+    """Whether a folder holds a checkpoint whose metadata says ckptavg wrote it."""
+    try:
+        if (folder / INDEX_NAME).is_file():
+            index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))
+            return VERSION_KEY in index.get("metadata", {})
+        if (folder / SINGLE_FILE_NAME).is_file():
+            from safetensors import safe_open
+
+            with safe_open(folder / SINGLE_FILE_NAME, framework="pt") as f:
+                return VERSION_KEY in (f.metadata() or {})
+    except Exception:  # unreadable: not ours to replace
+        return False
+    return False
 
 
 def ensure_free_space(target: Path, nbytes: int) -> None:

@@ -273,11 +273,11 @@ class TestFailures:
 
         real_write = writer_module.SafetensorsWriter.write
 
-        def failing_write(self, tensor):
+        def failing_write(self, name, start, tensor):
             calls["n"] += 1
             if calls["n"] == 3:
                 raise OSError(28, "No space left on device")
-            real_write(self, tensor)
+            real_write(self, name, start, tensor)
 
         monkeypatch.setattr(writer_module.SafetensorsWriter, "write", failing_write)
         with pytest.raises(OSError, match="No space left"):

@@ -53,11 +53,11 @@ class TestResolveSources:
     def test_folder_of_several_files_asks_for_a_pattern(self, tmp_path):
         touch(tmp_path / "a.safetensors")
         touch(tmp_path / "b.safetensors")
-        with pytest.raises(InputError, match=r"holds 2 \.safetensors files.*\*\.safetensors"):
+        with pytest.raises(InputError, match=r"holds 2 weights files.*\*\.safetensors"):
             resolve_sources([tmp_path])
 
     def test_empty_folder(self, tmp_path):
-        with pytest.raises(InputError, match=r"no model\.safetensors"):
+        with pytest.raises(InputError, match=r"holds no checkpoint"):
             resolve_sources([tmp_path])
 
     def test_missing_file(self, tmp_path):

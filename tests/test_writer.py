@@ -45,7 +45,7 @@ def write_dict(path, tensors, metadata=None):
     entries = layout_order(Entry(n, safetensors_name(t.dtype), tuple(t.shape)) for n, t in tensors.items())
     writer = SafetensorsWriter(path, entries, metadata or {})
     for entry in entries:
-        writer.write(tensors[entry.name].contiguous())
+        writer.write(entry.name, 0, tensors[entry.name].contiguous())
     writer.finish()
 
 
@@ -104,9 +104,13 @@ class TestSafetensorsWriter:
         with safe_open(tmp_path / "m.safetensors", "pt") as f:
             assert f.metadata() == {"format": "pt", "ckptavg.method": "swa"}
 
+    def test_reserved_name_is_refused(self, tmp_path):
+        with pytest.raises(OutputError, match="named '__metadata__', which safetensors reserves"):
+            SafetensorsWriter(tmp_path / "x.safetensors", [Entry("__metadata__", "F32", (1,))], {})
+
     def test_short_data_is_an_error(self, tmp_path):
         writer = SafetensorsWriter(tmp_path / "x.safetensors", [Entry("x", "F32", (4,))], {})
-        writer.write(torch.ones(2))
+        writer.write("x", 0, torch.ones(2))
         with pytest.raises(OutputError, match="wrote 8 of 16 data bytes"):
             writer.finish()
         writer.abort()
@@ -114,7 +118,9 @@ class TestSafetensorsWriter:
     @settings(max_examples=40, deadline=None)
     @given(
         st.dictionaries(
-            st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=12),
+            st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=12).filter(
+                lambda name: name != "__metadata__"
+            ),
             st.tuples(st.sampled_from(ALL_DTYPES), st.lists(st.integers(0, 4), max_size=3)),
             max_size=6,
         )
@@ -139,7 +145,7 @@ class TestOutputTransaction:
         target = tmp_path / "out.safetensors"
         with pytest.raises(RuntimeError), OutputTransaction(target, folder=False) as output:
             writer = output.safetensors(target.name, [Entry("x", "F32", (2,))], {})
-            writer.write(torch.ones(1))
+            writer.write("x", 0, torch.ones(1))
             raise RuntimeError("boom")
         assert list(tmp_path.iterdir()) == []
 
@@ -161,16 +167,27 @@ class TestOutputTransaction:
         with pytest.raises(OutputError, match="already exists; pass --force"):
             OutputTransaction(target, folder=False)
 
+    def test_positioned_writes_in_any_order(self, tmp_path):
+        entries = [Entry("a", "F32", (4,)), Entry("b", "F32", (2,))]
+        writer = SafetensorsWriter(tmp_path / "x.safetensors", entries, {})
+        writer.write("b", 0, torch.tensor([5.0, 6.0]))
+        writer.write("a", 8, torch.tensor([3.0, 4.0]))
+        writer.write("a", 0, torch.tensor([1.0, 2.0]))
+        writer.finish()
+        loaded = load_file(tmp_path / "x.safetensors")
+        assert loaded["a"].tolist() == [1, 2, 3, 4] and loaded["b"].tolist() == [5, 6]
+
     def test_folder_with_foreign_files_is_never_replaced(self, tmp_path):
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "notes.txt").write_text("mine")
         with pytest.raises(OutputError, match="holds files that ckptavg did not write"):
             OutputTransaction(tmp_path / "out", folder=True, force=True)
 
-    def test_folder_commit_replaces_old_shards_whole(self, tmp_path):
+    def test_folder_commit_replaces_an_old_output_whole(self, tmp_path):
         target = tmp_path / "out"
         target.mkdir()
-        (target / "model-00001-of-00002.safetensors").write_bytes(b"old")
+        write_dict(target / "model-00001-of-00002.safetensors", {"x": torch.ones(2)})
+        (target / "model.safetensors.index.json").write_text('{"metadata": {"ckptavg.version": "0"}}')
         with OutputTransaction(target, folder=True, force=True) as output:
             write_dict(output.path_of("model.safetensors"), {"x": torch.ones(2)})
             output.commit()
