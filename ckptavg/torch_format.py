@@ -11,8 +11,10 @@ scalars) are allowed by name; any other class is refused, and named.
 from __future__ import annotations
 
 import argparse
+import collections
 import pathlib
 import pickle
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,10 +23,6 @@ from .errors import InputError
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Where training loops keep the weights, in the order they are looked for.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "params")
-
-
-class _AttributeDict(dict):
-    """Stands in for Lightning's `AttributeDict` (a dict) without importing Lightning."""
 
 
 def _data_only_globals() -> list:
@@ -38,9 +36,11 @@ def _data_only_globals() -> list:
         pathlib.WindowsPath,
         pathlib.PureWindowsPath,
         numpy.dtype,
-        (_AttributeDict, "lightning.fabric.utilities.data.AttributeDict"),
-        (_AttributeDict, "pytorch_lightning.utilities.parsing.AttributeDict"),
-        (_AttributeDict, "lightning.pytorch.utilities.parsing.AttributeDict"),
+        # Lightning's AttributeDict (a dict of hyper-parameters), read as a plain OrderedDict.
+        (collections.OrderedDict, "lightning.fabric.utilities.data.AttributeDict"),
+        (collections.OrderedDict, "lightning_fabric.utilities.data.AttributeDict"),
+        (collections.OrderedDict, "pytorch_lightning.utilities.parsing.AttributeDict"),
+        (collections.OrderedDict, "lightning.pytorch.utilities.parsing.AttributeDict"),
     ]
     try:
         from numpy._core.multiarray import scalar
@@ -71,30 +71,31 @@ def load_torch_file(path: Path) -> object:
                     raise
                 # Legacy (pre-1.6, non-zip) format: cannot be mapped, so it is read whole.
                 return torch.load(path, mmap=False, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as e:
-        raise InputError(_refusal(path, e)) from e
     except FileNotFoundError as e:
         raise InputError(f"{path}: no such file") from e
-    except Exception as e:  # RuntimeError, EOFError, ...: not a torch checkpoint, or a damaged one
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{path}: not a readable torch checkpoint ({first_line})") from e
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError, ...
+        unsafe = _unsafe_globals(path, e) if isinstance(e, pickle.UnpicklingError) else []
+        if unsafe:
+            raise InputError(
+                f"{path}: refused: loading it needs {', '.join(unsafe)}, which could run code; ckptavg "
+                "loads only plain weights (torch.load weights_only=True). Re-save the weights alone, "
+                "e.g. torch.save(model.state_dict(), 'weights.pt'), or convert them to safetensors"
+            ) from e
+        raise InputError(
+            f"{path}: not a readable torch checkpoint (damaged, or not saved by torch.save)"
+        ) from e
 
 
-def _refusal(path: Path, error: Exception) -> str:
+def _unsafe_globals(path: Path, error: Exception) -> list[str]:
+    """The classes and functions a refused pickle asks for, beyond the allowed data-only ones."""
     import torch
 
     try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # a legacy file: the names are only in the error text
-        unsafe = []
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # a legacy (non-zip) file: the error text names the first one
+        names = re.findall(r"GLOBAL ([\w.]+)", str(error))
     allowed = set(_names_of_allowed())
-    unsafe = [name for name in unsafe if name not in allowed]
-    named = ", ".join(unsafe) if unsafe else str(error).strip().splitlines()[0]
-    return (
-        f"{path}: refused: loading it needs {named}, which could run code; ckptavg loads only plain "
-        "weights (torch.load weights_only=True). Re-save the weights alone, e.g. "
-        "torch.save(model.state_dict(), 'weights.pt'), or convert them to safetensors"
-    )
+    return [name for name in names if name not in allowed]
 
 
 def _names_of_allowed() -> list[str]:
@@ -145,7 +146,10 @@ def find_state_dict(content: object, path: Path, key: str | None = None) -> tupl
 
 
 def tied_groups(tensors: Mapping[str, object]) -> list[list[str]]:
-    """Names that share the same memory (tied weights such as an embedding and an LM head)."""
+    """Names that share the same memory (tied weights such as an embedding and an LM head).
+
+    Each group lists names in the file's order, so the first is the one first saved.
+    """
     groups: dict[tuple, list[str]] = {}
     for name, tensor in tensors.items():
         if tensor.numel() == 0:
@@ -158,7 +162,7 @@ def tied_groups(tensors: Mapping[str, object]) -> list[list[str]]:
             tensor.dtype,
         )
         groups.setdefault(place, []).append(name)
-    return sorted(sorted(names) for names in groups.values() if len(names) > 1)
+    return [names for names in groups.values() if len(names) > 1]
 
 
 def save_torch_file(
