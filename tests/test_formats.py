@@ -168,12 +168,12 @@ class TestTorchInputs:
 
     def test_no_weights_found(self, tmp_path):
         torch.save({"epoch": 1, "step": 2}, tmp_path / "a.pt")
-        with pytest.raises(InputError, match="no weights found .* choose a key with --key"):
+        with pytest.raises(InputError, match=r"no weights found .* choose a key with --key"):
             ckptavg.open_checkpoint(tmp_path / "a.pt")
 
     def test_stripping_into_duplicate_names_is_refused(self, tmp_path):
         torch.save({"module.w": torch.ones(1), "w": torch.ones(1)}, tmp_path / "a.pt")
-        with pytest.raises(InputError, match="'module.w' and 'w' are both 'w' after stripping"):
+        with pytest.raises(InputError, match=r"'module\.w' and 'w' are both 'w' after stripping"):
             ckptavg.open_checkpoint(tmp_path / "a.pt", strip_prefix=["module."])
 
     def test_not_a_torch_file(self, tmp_path):
