@@ -3,6 +3,7 @@
 Generates two series once (under benchmarks/data, reused on later runs):
   llm:    8 checkpoints x ~1 GB bf16, Llama-like shapes (502M params, 309 tensors, a 32000x1024 embedding)
   resnet: 20 checkpoints x ~100 MB fp32, ResNet-50 shapes with BatchNorm buffers
+  torch:  2 torch checkpoints x 3 GB: 1 GB of fp32 weights under 'model' next to a 2 GB Adam state
 Then runs each command as a whole process, interleaved over rounds, page cache hot, and reports
 the median wall time and the peak anonymous memory (RssAnon, sampled every 20 ms), with ratios
 against baselines measured in the same run:
@@ -67,7 +68,23 @@ def resnet_state(seed: int):
     }
 
 
-SERIES = {"llm": (8, llm_state), "resnet": (20, resnet_state)}
+def torch_training_checkpoint(seed: int):
+    """A 1 GB fp32 model saved by a training loop, with an Adam state twice its size."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    model = {f"layers.{i}.weight": torch.randn(4096, 4096, generator=generator) for i in range(15)}
+    optimizer = {
+        "state": {
+            i: {"step": torch.tensor(seed), "exp_avg": torch.randn_like(t), "exp_avg_sq": torch.rand_like(t)}
+            for i, t in enumerate(model.values())
+        },
+        "param_groups": [{"lr": 1e-3, "params": list(range(len(model)))}],
+    }
+    return {"model": model, "optimizer": optimizer, "epoch": seed}
+
+
+SERIES = {"llm": (8, llm_state), "resnet": (20, resnet_state), "torch": (2, torch_training_checkpoint)}
 
 
 def ensure_series(name: str) -> list[Path]:
@@ -76,11 +93,17 @@ def ensure_series(name: str) -> list[Path]:
     count, make = SERIES[name]
     folder = DATA / name
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"step_{i}.safetensors" for i in range(1, count + 1)]
+    suffix = ".pt" if name == "torch" else ".safetensors"
+    paths = [folder / f"step_{i}{suffix}" for i in range(1, count + 1)]
     for i, path in enumerate(paths, 1):
         if not path.exists():
             print(f"generating {path}", file=sys.stderr)
-            save_file(make(i), path.with_suffix(".tmp"), metadata={"format": "pt"})
+            if suffix == ".pt":
+                import torch
+
+                torch.save(make(i), path.with_suffix(".tmp"))
+            else:
+                save_file(make(i), path.with_suffix(".tmp"), metadata={"format": "pt"})
             path.with_suffix(".tmp").rename(path)
     return paths
 
@@ -156,35 +179,31 @@ def bench_series(name: str, rounds: int, out_dir: Path) -> dict:
     tiny = ensure_tiny()
     warm(paths)
     out = out_dir / f"{name}.safetensors"
+    key = ["--key", "model"] if name == "torch" else []
+
+    def ckptavg(*method: str, output: Path = out) -> list[str]:
+        return [
+            *CKPTAVG,
+            *method,
+            *map(str, paths),
+            *key,
+            "-o",
+            str(output),
+            "--force",
+            "-q",
+            "--device",
+            "cpu",
+        ]
+
     commands = {
         "floor": [PYTHON, "-c", "import torch, safetensors"],
         "tiny": [*CKPTAVG, "swa", *map(str, tiny), "-o", str(out_dir / "tiny.safetensors"), "--force", "-q"],
-        "ckptavg swa": [
-            *CKPTAVG,
-            "swa",
-            *map(str, paths),
-            "-o",
-            str(out),
-            "--force",
-            "-q",
-            "--device",
-            "cpu",
-        ],
-        "ckptavg ema": [
-            *CKPTAVG,
-            "ema",
-            "--decay",
-            "0.9",
-            *map(str, paths),
-            "-o",
-            str(out),
-            "--force",
-            "-q",
-            "--device",
-            "cpu",
-        ],
+        "ckptavg swa": ckptavg("swa"),
+        "ckptavg ema": ckptavg("ema", "--decay", "0.9"),
         "naive": [PYTHON, str(HERE / "naive_average.py"), *map(str, paths), str(out)],
     }
+    if name == "torch":
+        commands["ckptavg swa -o .pt"] = ckptavg("swa", output=out.with_suffix(".pt"))
     runs: dict[str, list[tuple[float, float]]] = {label: [] for label in commands}
     reads = []
     for _ in range(rounds):
@@ -212,14 +231,14 @@ def report(result: dict) -> None:
         f"\n{result['series']}: {result['inputs']} checkpoints, {result['input_bytes'] / 1e9:.2f} GB; "
         f"reading every input byte once (page cache): {result['read_s']:.2f} s"
     )
-    print(f"{'command':<14}{'wall s':>8}{'anon MB':>9}{'vs naive':>10}{'anon over tiny':>16}")
+    print(f"{'command':<20}{'wall s':>8}{'anon MB':>9}{'vs naive':>10}{'anon over tiny':>16}")
     for label, (wall, anon) in median.items():
-        print(f"{label:<14}{wall:8.2f}{anon:9.0f}{wall / naive_s:9.2f}x{anon - tiny_mb:14.0f} MB")
+        print(f"{label:<20}{wall:8.2f}{anon:9.0f}{wall / naive_s:9.2f}x{anon - tiny_mb:14.0f} MB")
     print(
         f"floor = python -c 'import torch, safetensors' ({floor_s:.2f} s, {floor_mb:.0f} MB); "
         f"tiny = ckptavg's fixed start-up ({tiny_s:.2f} s, {tiny_mb:.0f} MB)"
     )
-    for label in ("ckptavg swa", "ckptavg ema"):
+    for label in (label for label in median if label.startswith("ckptavg")):
         over = median[label][1] - tiny_mb
         verdict = "within" if over <= MEMORY_BOUND_MB else "OVER"
         print(
@@ -233,7 +252,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--series", default="llm,resnet")
+    parser.add_argument("--series", default="llm,resnet,torch")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     import platform
