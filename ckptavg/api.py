@@ -18,6 +18,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from .errors import OutputError
+from .hub import HubOptions
 from .plan import Plan, build_plan
 from .readers import Checkpoint, open_checkpoint
 from .schedules import Schedule
@@ -33,15 +34,21 @@ def open_checkpoints(
     keep_order: bool = False,
     key: str | None = None,
     strip_prefix: Sequence[str] = (),
+    hub: HubOptions | None = None,
 ) -> Iterator[list[Checkpoint]]:
-    """Resolve specs (files, folders, quoted globs) and open each checkpoint, headers only.
+    """Resolve specs (files, folders, quoted globs, `hf://` paths) and open each checkpoint.
 
-    `key` and `strip_prefix` are as in `open_checkpoint`.
+    `key` and `strip_prefix` are as in `open_checkpoint`; `hub` says how to reach the
+    Hub (token, cache, offline). Hub inputs are fetched into its cache here.
     """
     with ExitStack() as stack:
         yield [
-            stack.enter_context(open_checkpoint(path, key=key, strip_prefix=strip_prefix))
-            for path in resolve_sources(specs, keep_order=keep_order)
+            stack.enter_context(
+                open_checkpoint(
+                    source.path, key=key, strip_prefix=strip_prefix, label=source.label, origin=source.origin
+                )
+            )
+            for source in resolve_sources(specs, keep_order=keep_order, hub=hub)
         ]
 
 
@@ -53,6 +60,7 @@ def average(
     keep_order: bool = False,
     key: str | None = None,
     strip_prefix: Sequence[str] = (),
+    hub: HubOptions | None = None,
     dtype: str | None = None,
     accum_dtype: str = "float32",
     device: str = "cpu",
@@ -65,13 +73,15 @@ def average(
 
     Args:
         inputs: checkpoint files (`.safetensors`, `.pt`, `.pth`, `.bin`, `.ckpt`), folders
-            holding one checkpoint (or Trainer `checkpoint-N` folders), or glob patterns;
+            holding one checkpoint (or Trainer `checkpoint-N` folders), glob patterns, or
+            `hf://ORG/REPO[@REVISION][/PATH]` paths on the Hub;
             sorted naturally (`step_2` before `step_10`) unless `keep_order`.
         schedule: `ckptavg.swa()`, `ckptavg.ema(decay)` or `ckptavg.weighted([...])`.
         out: a `.safetensors` file, a torch file (`.pt`, `.pth`, `.bin`), or a folder
             (ending in `/`) for Hugging Face shards plus the last input's config files.
         key: for torch files, the dict holding the weights (e.g. `state_dict_ema`).
         strip_prefix: prefixes removed from tensor names (e.g. `["module."]`).
+        hub: for `hf://` inputs: `HubOptions(token=..., cache_dir=..., offline=...)`.
         dtype: output dtype of floating tensors; default: as in the first checkpoint.
         accum_dtype: `float32`, or `float64` for extra precision.
         device: `cpu`, `cuda`, `cuda:N` or `auto`; where the sums are computed.
@@ -86,7 +96,9 @@ def average(
     Raises:
         CkptavgError: a bad input or output, with a one-line message naming the file and tensor.
     """
-    with open_checkpoints(inputs, keep_order=keep_order, key=key, strip_prefix=strip_prefix) as checkpoints:
+    with open_checkpoints(
+        inputs, keep_order=keep_order, key=key, strip_prefix=strip_prefix, hub=hub
+    ) as checkpoints:
         plan = build_plan(
             checkpoints,
             schedule,

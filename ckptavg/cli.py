@@ -65,6 +65,34 @@ def _reports_errors(command):
     return click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(wrapper)
 
 
+_hub_options = [
+    click.option(
+        "--token", metavar="TOKEN", help="Hub access token [default: HF_TOKEN, or hf auth login's]."
+    ),
+    click.option(
+        "--cache-dir", metavar="DIR", help="Hub cache folder [default: HF_HUB_CACHE, or HF_HOME/hub]."
+    ),
+    click.option(
+        "--offline",
+        is_flag=True,
+        default=None,
+        help="Use only the Hub cache, no network (also HF_HUB_OFFLINE=1).",
+    ),
+]
+
+
+def _hub_option_decorators(command):
+    for option in reversed(_hub_options):
+        command = option(command)
+    return command
+
+
+def _hub(token, cache_dir, offline, progress):
+    from .hub import HubOptions
+
+    return HubOptions(token=token, cache_dir=cache_dir, offline=offline, progress=progress)
+
+
 def _averaging_options(command):
     """Options every averaging command shares; a flag and its Python argument share a name."""
     options = [
@@ -130,7 +158,7 @@ def _averaging_options(command):
     ]
     for option in reversed(options):
         command = option(command)
-    return command
+    return _hub_option_decorators(command)
 
 
 @click.group(context_settings=_CONTEXT)
@@ -244,13 +272,20 @@ def _average(
     force,
     dry_run,
     quiet,
+    token,
+    cache_dir,
+    offline,
 ):
     from .api import open_checkpoints, run_plan
     from .plan import build_plan
 
     if output is None and not dry_run:
         raise click.UsageError("give an output with -o PATH (or check the inputs with --dry-run)")
-    with open_checkpoints(inputs, keep_order=keep_order, key=key, strip_prefix=strip_prefix) as checkpoints:
+    progress = not quiet and sys.stderr.isatty()
+    hub = _hub(token, cache_dir, offline, progress)
+    with open_checkpoints(
+        inputs, keep_order=keep_order, key=key, strip_prefix=strip_prefix, hub=hub
+    ) as checkpoints:
         plan = build_plan(
             checkpoints,
             schedule,
@@ -268,7 +303,7 @@ def _average(
         if dry_run:
             click.echo("dry run: nothing written")
             return
-        path = run_plan(plan, device=device, progress=not quiet and sys.stderr.isatty())
+        path = run_plan(plan, device=device, progress=progress)
     if not quiet:
         from .units import format_bytes
 
@@ -283,8 +318,9 @@ def _average(
 @click.option("--key", metavar="NAME", help="Torch files: the dict holding the weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print tensors and metadata as JSON.")
 @click.option("--no-tensors", is_flag=True, help="Print totals and metadata only.")
+@_hub_option_decorators
 @_reports_errors
-def inspect(path, key, as_json, no_tensors):
+def inspect(path, key, as_json, no_tensors, token, cache_dir, offline):
     """Show a checkpoint's tensors (name, dtype, shape), totals and metadata.
 
     Reads headers only (torch files are mapped lazily), so it is instant on any size. For a ckptavg output the
@@ -293,20 +329,22 @@ def inspect(path, key, as_json, no_tensors):
     \b
     ckptavg inspect ema.safetensors
     ckptavg inspect swa/ --no-tensors
+    ckptavg inspect hf://org/run@step1000
     """
     from .readers import open_checkpoint
     from .sources import resolve_sources
     from .units import format_bytes
 
-    locations = resolve_sources([path])
-    if len(locations) > 1:
-        raise click.UsageError(f"{path} holds {len(locations)} checkpoints; inspect one of them")
-    with open_checkpoint(locations[0], key=key) as ck:
+    sources = resolve_sources([path], hub=_hub(token, cache_dir, offline, progress=sys.stderr.isatty()))
+    if len(sources) > 1:
+        raise click.UsageError(f"{path} holds {len(sources)} checkpoints; inspect one of them")
+    (source,) = sources
+    with open_checkpoint(source.path, key=key, label=source.label, origin=source.origin) as ck:
         if as_json:
             click.echo(
                 json.dumps(
                     {
-                        "path": str(ck.path),
+                        "path": ck.origin,
                         "tensors": {
                             n: {"dtype": i.dtype, "shape": list(i.shape)} for n, i in ck.tensors.items()
                         },
@@ -316,7 +354,7 @@ def inspect(path, key, as_json, no_tensors):
                 )
             )
             return
-        click.echo(str(ck.path) + (f"  ({'; '.join(ck.notes)})" if ck.notes else ""))
+        click.echo(ck.label + (f"  ({'; '.join(ck.notes)})" if ck.notes else ""))
         if not no_tensors:
             width = max((len(n) for n in ck.tensors), default=4)
             for name, info in ck.tensors.items():

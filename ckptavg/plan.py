@@ -139,7 +139,7 @@ class Plan:
             "ckptavg.accum_dtype": _user_dtype(self.accum_dtype),
             "ckptavg.inputs": json.dumps(
                 [
-                    {"path": str(ck.path), "weight": w}
+                    {"path": ck.origin, "weight": w}
                     for ck, w in zip(self.checkpoints, self.weights, strict=True)
                 ]
             ),
@@ -165,7 +165,7 @@ class Plan:
         for i, (ck, w) in enumerate(zip(self.checkpoints, self.weights, strict=True), 1):
             bar = "█" * max(1 if w > 0 else 0, round(20 * w / heaviest)) if heaviest > 0 else ""
             notes = f"  ({'; '.join(ck.notes)})" if ck.notes else ""
-            lines.append(f"  {i:>3}  {w:8.4f}  {bar:<20}  {ck.path}{notes}")
+            lines.append(f"  {i:>3}  {w:8.4f}  {bar:<20}  {ck.label}{notes}")
         averaged = [t for t in self.tensors if t.averaged]
         copied = len(self.tensors) - len(averaged)
         numel = sum(ck_info.numel for ck_info in self.checkpoints[0].tensors.values())
@@ -261,7 +261,7 @@ def build_plan(
     plan.warnings.extend(schedule.warnings(len(checkpoints)))
     plan.warnings.extend(_duplicate_warnings(checkpoints))
     if len(checkpoints) == 1:
-        plan.warnings.append(f"only one checkpoint ({first.path}): the output is a copy of it")
+        plan.warnings.append(f"only one checkpoint ({first.label}): the output is a copy of it")
     if output is not None:
         _lay_out(plan, output, max_shard_size, wrap_key)
     elif wrap_key is not None:
@@ -289,26 +289,27 @@ def _check_same_model(checkpoints: Sequence[Checkpoint]) -> None:
             if missing:
                 parts.append(
                     f"lacks {len(missing)} tensor{'s' if len(missing) > 1 else ''} of "
-                    f"{reference.path} ({_names(missing)})"
+                    f"{reference.label} ({_names(missing)})"
                 )
             if extra:
                 parts.append(
                     f"has {len(extra)} tensor{'s' if len(extra) > 1 else ''} that "
-                    f"{reference.path} lacks ({_names(extra)})"
+                    f"{reference.label} lacks ({_names(extra)})"
                 )
             raise MismatchError(
-                f"{ck.path}: {' and '.join(parts)}; average only checkpoints of the same model"
+                f"{ck.label}: {' and '.join(parts)}; average only checkpoints of the same model"
             )
         for name, info in reference.tensors.items():
             other = ck.tensors[name]
             if other.shape != info.shape:
                 raise MismatchError(
-                    f"{ck.path}: tensor '{name}' has shape {_shape(other.shape)}, expected "
-                    f"{_shape(info.shape)} as in {reference.path}; average only checkpoints of the same model"
+                    f"{ck.label}: tensor '{name}' has shape {_shape(other.shape)}, expected "
+                    f"{_shape(info.shape)} as in {reference.label}; "
+                    "average only checkpoints of the same model"
                 )
             if other.is_floating != info.is_floating:
                 raise MismatchError(
-                    f"{ck.path}: tensor '{name}' is {other.dtype} but {info.dtype} in {reference.path}; "
+                    f"{ck.label}: tensor '{name}' is {other.dtype} but {info.dtype} in {reference.label}; "
                     "a floating tensor cannot be averaged with an integer one"
                 )
 
@@ -365,17 +366,17 @@ def _refuse_input_as_output(checkpoints: Sequence[Checkpoint], target: Path, fol
         for source in ck.files:
             source_resolved = source.resolve()
             if source_resolved == resolved or (folder and source_resolved.parent == resolved):
-                raise OutputError(f"{target}: is an input ({ck.path}); write the output elsewhere")
+                raise OutputError(f"{target}: is an input ({ck.label}); write the output elsewhere")
 
 
 def _duplicate_warnings(checkpoints: Sequence[Checkpoint]) -> list[str]:
-    seen: dict[Path, Path] = {}
+    seen: dict[Path, str] = {}
     warnings = []
     for ck in checkpoints:
         real = ck.path.resolve()
         if real in seen:
-            warnings.append(f"{ck.path} is given twice (also as {seen[real]}): it counts twice")
-        seen.setdefault(real, ck.path)
+            warnings.append(f"{ck.label} is given twice (also as {seen[real]}): it counts twice")
+        seen.setdefault(real, ck.label)
     return warnings
 
 

@@ -37,6 +37,8 @@ class Checkpoint:
 
     Attributes:
         path: the file the user's spec resolved to (a weights file or an index).
+        label: how the plan names it (the path, or the `hf://` spec it came from).
+        origin: how the output's metadata records it (a Hub revision pinned to its commit).
         tensors: name -> `TensorInfo`, names as averaged (prefixes stripped).
         metadata: string metadata stored with a safetensors checkpoint.
         notes: how the checkpoint was read (key, stripped prefixes, skipped
@@ -45,9 +47,17 @@ class Checkpoint:
     """
 
     def __init__(
-        self, path: Path, shards: Sequence, weight_map: dict[str, str] | None, strip_prefix: Sequence[str]
+        self,
+        path: Path,
+        shards: Sequence,
+        weight_map: dict[str, str] | None,
+        strip_prefix: Sequence[str],
+        label: str | None = None,
+        origin: str | None = None,
     ):
         self.path = path
+        self.label = label or str(path)
+        self.origin = origin or self.label
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
         self.notes: list[str] = []
@@ -117,7 +127,12 @@ class Checkpoint:
 
 
 def open_checkpoint(
-    path: str | Path, *, key: str | None = None, strip_prefix: Sequence[str] = ()
+    path: str | Path,
+    *,
+    key: str | None = None,
+    strip_prefix: Sequence[str] = (),
+    label: str | None = None,
+    origin: str | None = None,
 ) -> Checkpoint:
     """Open a checkpoint file, or a sharded checkpoint through its `*.index.json`.
 
@@ -126,6 +141,7 @@ def open_checkpoint(
         key: for torch files, where the weights are (e.g. `state_dict_ema`; dotted for nesting);
             default: a flat dict as is, else the first usual key (`state_dict`, `model`, ...).
         strip_prefix: prefixes removed from tensor names, in order (e.g. `module.`).
+        label, origin: how the plan and the output's metadata name it (default: the path).
 
     Reads headers only (safetensors) or maps lazily (torch); tensor data is read by `get`.
 
@@ -143,9 +159,9 @@ def open_checkpoint(
                 raise InputError(f"{path}: names shard {shard_name}, which does not exist")
             shard_paths.append(shard)
         shards = [_open_file(shard, key) for shard in shard_paths]
-        checkpoint = Checkpoint(path, shards, weight_map, strip_prefix)
+        checkpoint = Checkpoint(path, shards, weight_map, strip_prefix, label, origin)
     else:
-        checkpoint = Checkpoint(path, [_open_file(path, key)], None, strip_prefix)
+        checkpoint = Checkpoint(path, [_open_file(path, key)], None, strip_prefix, label, origin)
     if not checkpoint.tensors:
         raise InputError(f"{path}: holds no tensors")
     return checkpoint

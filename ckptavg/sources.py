@@ -1,11 +1,13 @@
 """Input specs -> checkpoint files on disk.
 
 A spec is a checkpoint file, a quoted glob pattern (expanded here, so it works
-the same on every shell), or a folder. A folder is one checkpoint in the
-Hugging Face layout (`model.safetensors`, `pytorch_model.bin`, or the shards
-listed by a `*.index.json`: a sharded checkpoint is one input, never one input
-per shard), or a training run holding Trainer `checkpoint-N` folders, which
-expands to each of them in step order.
+the same on every shell), a folder, or an `hf://` path on the Hugging Face Hub
+(see `hub.py`). A folder is one checkpoint in the Hugging Face layout
+(`model.safetensors`, `pytorch_model.bin`, or the shards listed by a
+`*.index.json`: a sharded checkpoint is one input, never one input per shard),
+or a training run holding Trainer `checkpoint-N` folders, which expands to each
+of them in step order. The choice within a folder works on names only, so a
+listing of the Hub and a listing of the disk are read the same way.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ from __future__ import annotations
 import glob
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from .errors import InputError
 from .readers import INDEX_SUFFIX, SAFETENSORS_SUFFIX
 from .torch_format import TORCH_SUFFIXES
 
+HUB_PREFIX = "hf://"
 WEIGHT_SUFFIXES = (SAFETENSORS_SUFFIX, *TORCH_SUFFIXES)
 # What a Hugging Face folder's weights are called, in order of preference.
 HF_WEIGHT_NAMES = (
@@ -32,108 +37,166 @@ HF_CONFIG_NAME = "config.json"
 # Files a training run keeps next to the weights that are not weights.
 TRAINER_STATE = re.compile(r"^(optimizer|scheduler|scaler|rng_state.*|training_args|trainer_state)\.\w+$")
 TRAINER_CHECKPOINT = "checkpoint-*"
-_GLOB_CHARS = re.compile(r"[*?\[]")
+GLOB_CHARS = re.compile(r"[*?\[]")
 _DIGITS = re.compile(r"(\d+)")
 
+# A folder listing: (file names, subfolder names) of a folder given relative to some root.
+Listing = Callable[[str], tuple[list[str], list[str]]]
 
-def natural_key(path: str | os.PathLike) -> list:
+
+@dataclass(frozen=True)
+class Source:
+    """A checkpoint file on disk and where it came from.
+
+    Attributes:
+        path: the local file: a weights file, or the `*.index.json` of shards.
+        label: what the plan shows, e.g. `ckpts/step_2.safetensors` or `hf://org/run@step2/model.safetensors`.
+        origin: what the output's metadata records: the label, with a Hub revision pinned to its commit.
+    """
+
+    path: Path
+    label: str
+    origin: str
+
+    @classmethod
+    def local(cls, path: Path) -> Source:
+        return cls(path, str(path), str(path))
+
+
+def natural_key(text: str | os.PathLike) -> list:
     """Sort key that orders `step_2` before `step_10` (digit runs compare as numbers)."""
-    parts = _DIGITS.split(str(path))
+    parts = _DIGITS.split(str(text))
     return [(0, int(part), part) if part.isdigit() else (1, part.lower(), part) for part in parts]
 
 
-def resolve_sources(specs: Iterable[str | os.PathLike], *, keep_order: bool = False) -> list[Path]:
-    """Expand specs to checkpoint files, in natural order unless `keep_order`.
+def resolve_sources(
+    specs: Iterable[str | os.PathLike], *, keep_order: bool = False, hub=None
+) -> list[Source]:
+    """Expand specs to checkpoint files, in natural order of their labels unless `keep_order`.
 
-    Each result is a weights file (`.safetensors`, `.pt`, `.pth`, `.bin`,
-    `.ckpt`) or the `*.index.json` of a sharded checkpoint.
+    Args:
+        specs: files, folders, quoted glob patterns, `hf://` paths.
+        keep_order: keep the order given (patterns still expand in natural order).
+        hub: `hub.HubOptions` for `hf://` specs (token, cache folder, offline); default options if None.
 
     Raises:
         InputError: a path does not exist, a pattern matches nothing, a folder
-            holds no checkpoint, or no spec was given.
+            holds no checkpoint, a Hub spec cannot be resolved, or no spec was given.
     """
-    locations: list[Path] = []
+    sources: list[Source] = []
+    hub_specs: list[tuple[int, str]] = []
     for spec in specs:
         spec = os.fspath(spec)
-        if _GLOB_CHARS.search(spec) and not os.path.exists(spec):
+        if spec.startswith(HUB_PREFIX):
+            hub_specs.append((len(sources), spec))
+        elif GLOB_CHARS.search(spec) and not os.path.exists(spec):
             matches = sorted(glob.glob(spec, recursive=True), key=natural_key)
             if not matches:
                 raise InputError(f"{spec}: the pattern matches no file or folder")
             for match in matches:
-                locations.extend(_checkpoint_files(Path(match)))
+                sources.extend(Source.local(p) for p in _local_checkpoints(Path(match)))
         else:
-            locations.extend(_checkpoint_files(Path(spec)))
-    if not locations:
-        raise InputError("no input checkpoints given; pass files, folders or quoted patterns")
+            sources.extend(Source.local(p) for p in _local_checkpoints(Path(spec)))
+    if hub_specs:
+        from .hub import HubOptions, resolve_hub_specs
+
+        resolved = resolve_hub_specs([spec for _, spec in hub_specs], hub or HubOptions())
+        for (position, _), found in reversed(list(zip(hub_specs, resolved, strict=True))):
+            sources[position:position] = found
+    if not sources:
+        raise InputError("no input checkpoints given; pass files, folders, quoted patterns or hf:// paths")
     if not keep_order:
-        locations.sort(key=natural_key)
-    return locations
+        sources.sort(key=lambda source: natural_key(source.label))
+    return sources
 
 
-def _checkpoint_files(path: Path) -> list[Path]:
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder")
-    if not path.is_dir():
-        return [path]
-    found = _checkpoint_in_folder(path)
+def checkpoints_in_folder(folder: str, listing: Listing, label: str) -> list[str]:
+    """The checkpoints of a folder, as paths relative to the listing's root.
+
+    One checkpoint in the Hugging Face layout (or the folder's only weights
+    file), else each Trainer `checkpoint-N` subfolder in step order.
+
+    Raises:
+        InputError: no checkpoint, or several candidates and no way to choose.
+    """
+    files, folders = listing(folder)
+    found = _weights_among(files, label)
     if found is not None:
-        return [found]
-    trainer_checkpoints = sorted((p for p in path.glob(TRAINER_CHECKPOINT) if p.is_dir()), key=natural_key)
-    if trainer_checkpoints:
-        return [_require_checkpoint(p) for p in trainer_checkpoints]
-    raise InputError(
-        f"{path}: holds no checkpoint (no {', '.join(HF_WEIGHT_NAMES)}, weights file or "
-        f"{TRAINER_CHECKPOINT} folders)"
-    )
-
-
-def _require_checkpoint(folder: Path) -> Path:
-    found = _checkpoint_in_folder(folder)
-    if found is None:
-        raise InputError(f"{folder}: holds no checkpoint (no {', '.join(HF_WEIGHT_NAMES)} or weights file)")
-    return found
-
-
-def _checkpoint_in_folder(folder: Path) -> Path | None:
-    """A folder's one checkpoint: the Hugging Face names first, else its only weights file."""
-    for name in HF_WEIGHT_NAMES:
-        if (folder / name).is_file():
-            return folder / name
-    indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
-    if len(indexes) > 1:
-        names = ", ".join(index.name for index in indexes)
-        raise InputError(f"{folder}: holds several shard indexes ({names}); pass one of them")
-    if indexes:
-        return indexes[0]
-    files = sorted(
-        (
-            p
-            for p in folder.iterdir()
-            if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES) and not TRAINER_STATE.match(p.name)
-        ),
-        key=natural_key,
-    )
-    if len(files) > 1:
+        return [_join(folder, found)]
+    runs = sorted((f for f in folders if fnmatchcase(f, TRAINER_CHECKPOINT)), key=natural_key)
+    if not runs:
         raise InputError(
-            f"{folder}: holds {len(files)} weights files and no {HF_WEIGHT_NAMES[0]} or shard index; "
-            f"to average them, pass '{folder}/*{files[0].suffix}'"
+            f"{label}: holds no checkpoint (no {', '.join(HF_WEIGHT_NAMES)}, weights file or "
+            f"{TRAINER_CHECKPOINT} folders)"
         )
-    return files[0] if files else None
+    checkpoints = []
+    for run in runs:
+        run_label = f"{label.rstrip('/')}/{run}"
+        weights = _weights_among(listing(_join(folder, run))[0], run_label)
+        if weights is None:
+            raise InputError(
+                f"{run_label}: holds no checkpoint (no {', '.join(HF_WEIGHT_NAMES)} or weights file)"
+            )
+        checkpoints.append(_join(folder, run, weights))
+    return checkpoints
+
+
+def is_model_side_file(name: str) -> bool:
+    """Whether a file of a Hugging Face model folder goes with the weights (config, tokenizer, ...)."""
+    return (
+        not name.startswith(".")
+        and not name.endswith((*WEIGHT_SUFFIXES, INDEX_SUFFIX))
+        and not TRAINER_STATE.match(name)
+    )
 
 
 def model_folder_files(folder: Path) -> list[Path]:
-    """The files a Hugging Face model folder needs besides its weights (config, tokenizer, ...).
+    """The files a local Hugging Face model folder needs besides its weights.
 
     Empty unless `folder` holds a `config.json`; never weights, shard indexes or
     trainer state (optimizer, scheduler, RNG states, training arguments).
     """
     if not (folder / HF_CONFIG_NAME).is_file():
         return []
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file()
-        and not p.name.startswith(".")
-        and not p.name.endswith((*WEIGHT_SUFFIXES, INDEX_SUFFIX))
-        and not TRAINER_STATE.match(p.name)
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_model_side_file(p.name))
+
+
+def _weights_among(files: Sequence[str], label: str) -> str | None:
+    """The checkpoint among a folder's file names: Hugging Face names first, else the only weights file."""
+    for name in HF_WEIGHT_NAMES:
+        if name in files:
+            return name
+    indexes = sorted(f for f in files if f.endswith(INDEX_SUFFIX))
+    if len(indexes) > 1:
+        raise InputError(f"{label}: holds several shard indexes ({', '.join(indexes)}); pass one of them")
+    if indexes:
+        return indexes[0]
+    weights = sorted(
+        (f for f in files if f.endswith(WEIGHT_SUFFIXES) and not TRAINER_STATE.match(f)), key=natural_key
     )
+    if len(weights) > 1:
+        raise InputError(
+            f"{label}: holds {len(weights)} weights files and no {HF_WEIGHT_NAMES[0]} or shard index; "
+            f"to average them, pass '{label.rstrip('/')}/*{Path(weights[0]).suffix}'"
+        )
+    return weights[0] if weights else None
+
+
+def _local_checkpoints(path: Path) -> list[Path]:
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        return [path]
+    return [path / relative for relative in checkpoints_in_folder("", _local_listing(path), str(path))]
+
+
+def _local_listing(root: Path) -> Listing:
+    def listing(folder: str) -> tuple[list[str], list[str]]:
+        entries = list(os.scandir(root / folder))
+        return [e.name for e in entries if e.is_file()], [e.name for e in entries if e.is_dir()]
+
+    return listing
+
+
+def _join(*parts: str) -> str:
+    return "/".join(part for part in parts if part)

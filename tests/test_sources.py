@@ -1,7 +1,12 @@
 import pytest
 
 from ckptavg.errors import InputError
-from ckptavg.sources import natural_key, resolve_sources
+from ckptavg.sources import natural_key
+from ckptavg.sources import resolve_sources as resolve
+
+
+def resolve_sources(specs, **options):
+    return [source.path for source in resolve(specs, **options)]
 
 
 def touch(path):

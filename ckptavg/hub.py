@@ -1,0 +1,396 @@
+"""`hf://` inputs: checkpoints on the Hugging Face Hub, through `huggingface_hub` and its cache.
+
+Spec syntax, as `huggingface_hub`'s own paths: `hf://ORG/REPO[@REVISION][/PATH]`.
+The revision is a branch, tag, commit or `refs/pr/N`, and may be a glob over the
+repo's branches and tags (`@step14*`); PATH is a folder or weights file at that
+revision, and may be a glob over them (`checkpoint-*`). Without PATH the
+checkpoint at the repo root is used. Folders are read as local ones are (see
+`sources.checkpoints_in_folder`).
+
+Resolution happens in two steps, so the disk-space check sees everything first:
+`_locate` resolves each revision to its commit and lists the files to fetch
+(only the weights, their index, and the model folder's config files; never
+optimizer or trainer state), then `_download` fetches them with
+`snapshot_download` into the standard cache, concurrently, and reuses whatever
+is cached. Offline (`--offline` or `HF_HUB_OFFLINE=1`), revisions and listings
+come from the cache alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from functools import cache
+from pathlib import Path, PurePosixPath
+
+from .errors import InputError
+from .readers import INDEX_SUFFIX
+from .sources import (
+    GLOB_CHARS,
+    HF_CONFIG_NAME,
+    HUB_PREFIX,
+    Source,
+    checkpoints_in_folder,
+    is_model_side_file,
+    natural_key,
+)
+from .units import format_bytes
+
+_SPEC = re.compile(
+    r"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>refs/(?:pr|convert)/[^/]+|[^/]+))?(?:/(?P<path>.*))?$"
+)
+_TRUE = ("1", "true", "yes", "on")
+_DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """How to reach the Hub; anything left None follows huggingface_hub's environment.
+
+    Attributes:
+        token: access token; default: `HF_TOKEN` or the token saved by `hf auth login`.
+        cache_dir: the cache folder; default: `HF_HUB_CACHE`, else `HF_HOME/hub`.
+        offline: use the cache only; default: `HF_HUB_OFFLINE`.
+        progress: show download progress bars.
+    """
+
+    token: str | None = None
+    cache_dir: str | os.PathLike | None = None
+    offline: bool | None = None
+    progress: bool = False
+
+    @property
+    def is_offline(self) -> bool:
+        if self.offline is not None:
+            return self.offline
+        return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+    @property
+    def cache(self) -> Path:
+        if self.cache_dir is not None:
+            return Path(self.cache_dir).expanduser()
+        if os.environ.get("HF_HUB_CACHE"):
+            return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+        home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
+        return Path(home).expanduser() / "hub"
+
+    @property
+    def endpoint(self) -> str:
+        # Read at call time: huggingface_hub reads HF_ENDPOINT once, when it is first imported.
+        return os.environ.get("HF_ENDPOINT", _DEFAULT_ENDPOINT).rstrip("/")
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    repo_id: str
+    revision: str | None
+    path: str
+
+    @classmethod
+    def parse(cls, spec: str) -> HubSpec:
+        match = _SPEC.match(spec.replace("%2F", "/"))
+        if not match:
+            raise InputError(f"{spec}: not a Hub path; write hf://ORG/REPO[@REVISION][/PATH]")
+        return cls(match["repo"], match["revision"], (match["path"] or "").strip("/"))
+
+
+@dataclass
+class _Checkpoint:
+    """One checkpoint found on the Hub, before its files are fetched."""
+
+    repo_id: str
+    revision: object  # a huggingface_hub ResolvedRevision: the name asked for and its commit
+    weights: str  # the weights file or index, relative to the repo root
+    files: dict[str, int | None] = field(default_factory=dict)  # what to fetch -> size
+
+    @property
+    def label(self) -> str:
+        return f"{HUB_PREFIX}{self.repo_id}@{self.revision}/{self.weights}"
+
+    @property
+    def origin(self) -> str:
+        return f"{HUB_PREFIX}{self.repo_id}@{self.revision.resolved}/{self.weights}"
+
+
+def resolve_hub_specs(specs: Sequence[str], options: HubOptions) -> list[list[Source]]:
+    """The checkpoints of each `hf://` spec, fetched into the cache: one list of sources per spec.
+
+    Raises:
+        InputError: one line naming the spec for every failure of the Hub or the cache.
+    """
+    located = []
+    for spec in specs:
+        with _hub_errors(spec, options):
+            located.append(_locate(HubSpec.parse(spec), spec, options))
+    _check_free_space([ck for found in located for ck in found], options)
+    return [
+        [_download(ck, spec, options) for ck in found] for spec, found in zip(specs, located, strict=True)
+    ]
+
+
+def _api(options: HubOptions):
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=options.endpoint, token=options.token)
+
+
+def _locate(hub: HubSpec, spec: str, options: HubOptions) -> list[_Checkpoint]:
+    api = _api(options)
+    found = []
+    for revision in _revisions(api, hub, spec, options):
+        resolved = api.resolve_revision(
+            hub.repo_id,
+            revision=revision,
+            cache_dir=options.cache,
+            local_files_only=options.is_offline,
+            token=options.token,
+        )
+        sizes = _files_at(api, hub.repo_id, resolved, options)
+        for weights in _checkpoints_at(hub, sizes, spec, revision):
+            checkpoint = _Checkpoint(hub.repo_id, resolved, weights)
+            checkpoint.files = _files_to_fetch(checkpoint, sizes, options)
+            found.append(checkpoint)
+    return found
+
+
+def _revisions(api, hub: HubSpec, spec: str, options: HubOptions) -> list[str | None]:
+    if hub.revision is None or not GLOB_CHARS.search(hub.revision):
+        return [hub.revision]
+    if options.is_offline:
+        names = _cached_refs(options.cache, hub.repo_id)
+    else:
+        refs = api.list_repo_refs(hub.repo_id, include_pull_requests=True)
+        names = [r.name for r in (*refs.branches, *refs.tags)] + [r.ref for r in refs.pull_requests or ()]
+    matches = sorted({n for n in names if fnmatchcase(n, hub.revision)}, key=natural_key)
+    if not matches:
+        where = "in the cache" if options.is_offline else "on the Hub"
+        known = ", ".join(sorted(names, key=natural_key)[:8]) or "none"
+        raise InputError(
+            f"{spec}: no branch or tag of {hub.repo_id} {where} matches '{hub.revision}' (there: {known})"
+        )
+    return matches
+
+
+def _cached_refs(cache: Path, repo_id: str) -> list[str]:
+    refs = cache / f"models--{repo_id.replace('/', '--')}" / "refs"
+    return [str(p.relative_to(refs)) for p in refs.rglob("*") if p.is_file()] if refs.is_dir() else []
+
+
+def _files_at(api, repo_id: str, revision, options: HubOptions) -> dict[str, int | None]:
+    """Every file of the repo at the revision's commit, with its size (from the cache when offline)."""
+    from huggingface_hub import RepoFile, get_cached_repo_tree
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+
+    if not options.is_offline:
+        entries = api.list_repo_tree(repo_id, recursive=True, revision=revision.resolved)
+        return {e.path: e.size for e in entries if isinstance(e, RepoFile)}
+    try:
+        entries = get_cached_repo_tree(repo_id, revision=revision.resolved, cache_dir=options.cache)
+    except CachedRepoTreeNotFoundError:
+        snapshot = options.cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / revision.resolved
+        if not snapshot.is_dir():
+            raise InputError(
+                f"{HUB_PREFIX}{repo_id}@{revision}: not in the cache {options.cache} (offline); "
+                "run once without --offline to fetch it"
+            ) from None
+        return {
+            str(p.relative_to(snapshot).as_posix()): p.stat().st_size
+            for p in snapshot.rglob("*")
+            if p.is_file()
+        }
+    return {e.path: e.size for e in entries}
+
+
+def _checkpoints_at(hub: HubSpec, sizes: dict[str, int | None], spec: str, revision) -> list[str]:
+    """The weights files (or indexes) the spec's PATH names at one revision."""
+    folders = {str(parent) for path in sizes for parent in PurePosixPath(path).parents if str(parent) != "."}
+    listing = _listing(sizes, folders)
+    at = f"{HUB_PREFIX}{hub.repo_id}@{revision or 'main'}"
+    if not GLOB_CHARS.search(hub.path):
+        targets = [hub.path]
+        if hub.path and hub.path not in sizes and hub.path not in folders:
+            raise InputError(f"{spec}: {at} has no file or folder '{hub.path}'")
+    else:
+        depth = hub.path.count("/")
+        targets = sorted(
+            (p for p in (*sizes, *folders) if p.count("/") == depth and fnmatchcase(p, hub.path)),
+            key=natural_key,
+        )
+        if not targets:
+            raise InputError(f"{spec}: nothing at {at} matches '{hub.path}'")
+    found = []
+    for target in targets:
+        if target in sizes:
+            found.append(target)
+        else:
+            found.extend(checkpoints_in_folder(target, listing, f"{at}/{target}".rstrip("/")))
+    return found
+
+
+def _listing(sizes: dict[str, int | None], folders: set[str]):
+    """A `sources.Listing` over the repo's paths: the names directly inside a folder."""
+
+    def children(paths, folder: str) -> list[str]:
+        parent = folder or "."
+        return [PurePosixPath(p).name for p in paths if str(PurePosixPath(p).parent) == parent]
+
+    return lambda folder: (children(sizes, folder), children(folders, folder))
+
+
+def _files_to_fetch(checkpoint: _Checkpoint, sizes: dict[str, int | None], options: HubOptions) -> dict:
+    """The weights (all shards of an index) and, for a model folder, its config and tokenizer files."""
+    folder = str(PurePosixPath(checkpoint.weights).parent)
+    prefix = "" if folder == "." else folder + "/"
+    wanted = [checkpoint.weights]
+    if checkpoint.weights.endswith(INDEX_SUFFIX):
+        index = _fetch_one(checkpoint, checkpoint.weights, options)
+        try:
+            shards = sorted(set(json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InputError(f"{checkpoint.label}: not a valid shard index ({e})") from e
+        wanted += [prefix + shard for shard in shards]
+    siblings = [p for p in sizes if str(PurePosixPath(p).parent) == folder]
+    if prefix + HF_CONFIG_NAME in sizes:
+        wanted += [p for p in siblings if is_model_side_file(p.rsplit("/", 1)[-1])]
+    missing = [p for p in wanted if p not in sizes]
+    if missing:
+        raise InputError(f"{checkpoint.label}: names {missing[0]}, which is not in the repo at that revision")
+    return {p: sizes[p] for p in wanted}
+
+
+def _fetch_one(checkpoint: _Checkpoint, filename: str, options: HubOptions) -> str:
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(
+        checkpoint.repo_id,
+        filename,
+        revision=checkpoint.revision,
+        cache_dir=options.cache,
+        token=options.token,
+        local_files_only=options.is_offline,
+        endpoint=options.endpoint,
+    )
+
+
+def _check_free_space(checkpoints: Sequence[_Checkpoint], options: HubOptions) -> None:
+    from huggingface_hub import try_to_load_from_cache
+
+    needed = sum(
+        size or 0
+        for ck in checkpoints
+        for path, size in ck.files.items()
+        if not isinstance(
+            try_to_load_from_cache(ck.repo_id, path, cache_dir=options.cache, revision=ck.revision.resolved),
+            str,
+        )
+    )
+    if needed == 0:
+        return
+    probe = options.cache
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise InputError(
+            f"the Hub inputs need {format_bytes(needed)} in the cache {options.cache} but only "
+            f"{format_bytes(free)} is free there; free some space or choose another cache with --cache-dir"
+        )
+
+
+def _download(checkpoint: _Checkpoint, spec: str, options: HubOptions) -> Source:
+    from huggingface_hub import snapshot_download
+
+    with _hub_errors(spec, options, checkpoint):
+        if options.is_offline:
+            _require_cached(checkpoint, options)
+        folder = snapshot_download(
+            checkpoint.repo_id,
+            revision=checkpoint.revision,
+            allow_patterns=list(checkpoint.files),
+            cache_dir=options.cache,
+            token=options.token,
+            local_files_only=options.is_offline,
+            endpoint=options.endpoint,
+            tqdm_class=None if options.progress else _quiet_tqdm(),
+        )
+    return Source(Path(folder) / checkpoint.weights, checkpoint.label, checkpoint.origin)
+
+
+def _require_cached(checkpoint: _Checkpoint, options: HubOptions) -> None:
+    from huggingface_hub import try_to_load_from_cache
+
+    for path in checkpoint.files:
+        cached = try_to_load_from_cache(
+            checkpoint.repo_id, path, cache_dir=options.cache, revision=checkpoint.revision.resolved
+        )
+        if not isinstance(cached, str):
+            raise InputError(
+                f"{HUB_PREFIX}{checkpoint.repo_id}@{checkpoint.revision}: {path} is not in the cache "
+                f"{options.cache} (offline); run once without --offline to fetch it"
+            )
+
+
+@cache
+def _quiet_tqdm():
+    """A tqdm class that shows nothing, for downloads with --quiet."""
+    from tqdm.auto import tqdm
+
+    class Quiet(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+    return Quiet
+
+
+@contextmanager
+def _hub_errors(spec: str, options: HubOptions, checkpoint: _Checkpoint | None = None) -> Iterator[None]:
+    """huggingface_hub's typed failures as one line that names the spec and says what to do."""
+    import httpx
+    from huggingface_hub import errors
+
+    hub = HubSpec.parse(spec) if spec.startswith(HUB_PREFIX) else None
+    repo = hub.repo_id if hub else spec
+    try:
+        yield
+    except InputError:
+        raise
+    except errors.GatedRepoError as e:
+        raise InputError(
+            f"{spec}: {repo} is gated; request access on its page on the Hub, then pass "
+            "--token or set HF_TOKEN"
+        ) from e
+    except errors.RepositoryNotFoundError as e:
+        raise InputError(
+            f"{spec}: repository {repo} not found on {options.endpoint} (if it is private, "
+            "pass --token or set HF_TOKEN)"
+        ) from e
+    except errors.RevisionNotFoundError as e:
+        raise InputError(f"{spec}: {repo} has no revision '{hub.revision if hub else '?'}'") from e
+    except (errors.LocalEntryNotFoundError, errors.RevisionResolutionError, errors.OfflineModeIsEnabled) as e:
+        if options.is_offline:
+            raise InputError(
+                f"{spec}: not in the cache {options.cache} (offline); run once without --offline to fetch it"
+            ) from e
+        raise InputError(
+            f"{spec}: cannot reach the Hub at {options.endpoint} and it is not in the cache; "
+            "check the connection (or HF_ENDPOINT)"
+        ) from e
+    except errors.EntryNotFoundError as e:
+        what = checkpoint.label if checkpoint else spec
+        raise InputError(f"{spec}: a file of {what} is missing on the Hub ({_first_line(e)})") from e
+    except (httpx.TransportError, errors.HfHubHTTPError, OSError) as e:
+        raise InputError(
+            f"{spec}: cannot read it from the Hub at {options.endpoint} ({_first_line(e)}); "
+            "check the connection, or pass --offline to use the cache"
+        ) from e
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
