@@ -46,6 +46,8 @@ _SPEC = re.compile(
     r"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>refs/(?:pr|convert)/[^/]+|[^/]+))?(?:/(?P<path>.*))?$"
 )
 _TRUE = ("1", "true", "yes", "on")
+# The HTTP clients huggingface_hub has used; their errors mean the Hub could not be reached.
+_HTTP_LIBRARIES = {"httpx", "httpx2", "httpcore", "requests", "urllib3"}
 _DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
@@ -351,7 +353,6 @@ def _quiet_tqdm():
 @contextmanager
 def _hub_errors(spec: str, options: HubOptions, checkpoint: _Checkpoint | None = None) -> Iterator[None]:
     """huggingface_hub's typed failures as one line that names the spec and says what to do."""
-    import httpx
     from huggingface_hub import errors
 
     hub = HubSpec.parse(spec) if spec.startswith(HUB_PREFIX) else None
@@ -384,11 +385,21 @@ def _hub_errors(spec: str, options: HubOptions, checkpoint: _Checkpoint | None =
     except errors.EntryNotFoundError as e:
         what = checkpoint.label if checkpoint else spec
         raise InputError(f"{spec}: a file of {what} is missing on the Hub ({_first_line(e)})") from e
-    except (httpx.TransportError, errors.HfHubHTTPError, OSError) as e:
+    except Exception as e:
+        if not _is_transport_error(e):
+            raise
         raise InputError(
             f"{spec}: cannot read it from the Hub at {options.endpoint} ({_first_line(e)}); "
             "check the connection, or pass --offline to use the cache"
         ) from e
+
+
+def _is_transport_error(error: Exception) -> bool:
+    """A failure to talk to the Hub, from huggingface_hub or the HTTP library under it."""
+    from huggingface_hub import errors
+
+    http_library = type(error).__module__.split(".")[0] in _HTTP_LIBRARIES
+    return http_library or isinstance(error, (errors.HfHubHTTPError, ConnectionError, TimeoutError, OSError))
 
 
 def _first_line(error: Exception) -> str:

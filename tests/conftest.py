@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# No test talks to the real Hub, and huggingface_hub reads these once, when first imported.
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ.pop("HF_HUB_OFFLINE", None)
 
 import pytest
 import torch

@@ -68,7 +68,7 @@ class HubServer:
         return [path for method, path in self.requests if method == "GET" and "/resolve/" in path]
 
 
-_REVISION_API = re.compile(r"^/api/models/([^/]+/[^/]+)/revision/(.+)$")
+_REVISION_API = re.compile(r"^/api/models/([^/]+/[^/]+)(?:/revision/(.+))?$")
 _REFS_API = re.compile(r"^/api/models/([^/]+/[^/]+)/refs$")
 _TREE_API = re.compile(r"^/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?$")
 _RESOLVE = re.compile(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
@@ -114,7 +114,7 @@ def _handler(hub: HubServer):
             return sha
 
         def _revision(self, repo_id, repo, groups, body):
-            sha = self._sha(repo, groups[0])
+            sha = self._sha(repo, groups[0] or "main")
             if sha:
                 files = repo.commits[sha]
                 self._json(
