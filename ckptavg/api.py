@@ -20,9 +20,9 @@ from pathlib import Path
 from .errors import OutputError
 from .hub import HubOptions
 from .plan import Plan, build_plan
-from .readers import Checkpoint, open_checkpoint
+from .readers import Checkpoint, open_checkpoint, open_headers
 from .schedules import Schedule
-from .sources import resolve_sources
+from .sources import Source, resolve_sources
 from .torch_format import save_torch_file
 from .writer import INDEX_NAME, OutputTransaction, ensure_free_space
 
@@ -35,21 +35,35 @@ def open_checkpoints(
     key: str | None = None,
     strip_prefix: Sequence[str] = (),
     hub: HubOptions | None = None,
+    fetch: bool = True,
 ) -> Iterator[list[Checkpoint]]:
     """Resolve specs (files, folders, quoted globs, `hf://` paths) and open each checkpoint.
 
     `key` and `strip_prefix` are as in `open_checkpoint`; `hub` says how to reach the
-    Hub (token, cache, offline). Hub inputs are fetched into its cache here.
+    Hub (token, cache, offline). Hub inputs are fetched into its cache here, unless
+    `fetch` is False: then Hub safetensors checkpoints not in the cache are opened from
+    their headers, read with range requests, which is enough to plan (`--dry-run`).
     """
     with ExitStack() as stack:
         yield [
-            stack.enter_context(
-                open_checkpoint(
-                    source.path, key=key, strip_prefix=strip_prefix, label=source.label, origin=source.origin
-                )
-            )
-            for source in resolve_sources(specs, keep_order=keep_order, hub=hub)
+            stack.enter_context(_open_source(source, key, strip_prefix))
+            for source in resolve_sources(specs, keep_order=keep_order, hub=hub, fetch=fetch)
         ]
+
+
+def _open_source(source: Source, key: str | None, strip_prefix: Sequence[str]) -> Checkpoint:
+    if source.headers is not None:
+        headers, weight_map = source.headers
+        return open_headers(
+            headers,
+            label=source.label,
+            origin=source.origin,
+            weight_map=weight_map,
+            strip_prefix=strip_prefix,
+        )
+    return open_checkpoint(
+        source.path, key=key, strip_prefix=strip_prefix, label=source.label, origin=source.origin
+    )
 
 
 def average(

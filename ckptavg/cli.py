@@ -284,7 +284,7 @@ def _average(
     progress = not quiet and sys.stderr.isatty()
     hub = _hub(token, cache_dir, offline, progress)
     with open_checkpoints(
-        inputs, keep_order=keep_order, key=key, strip_prefix=strip_prefix, hub=hub
+        inputs, keep_order=keep_order, key=key, strip_prefix=strip_prefix, hub=hub, fetch=not dry_run
     ) as checkpoints:
         plan = build_plan(
             checkpoints,
@@ -323,23 +323,23 @@ def _average(
 def inspect(path, key, as_json, no_tensors, token, cache_dir, offline):
     """Show a checkpoint's tensors (name, dtype, shape), totals and metadata.
 
-    Reads headers only (torch files are mapped lazily), so it is instant on any size. For a ckptavg output the
-    metadata says the method, its parameters and each input with its weight.
+    Reads headers only (torch files are mapped lazily; Hub safetensors files are read
+    with range requests, not downloaded), so it is quick on any size. For a ckptavg
+    output the metadata says the method, its parameters and each input with its weight.
 
     \b
     ckptavg inspect ema.safetensors
     ckptavg inspect swa/ --no-tensors
     ckptavg inspect hf://org/run@step1000
     """
-    from .readers import open_checkpoint
-    from .sources import resolve_sources
+    from .api import open_checkpoints
     from .units import format_bytes
 
-    sources = resolve_sources([path], hub=_hub(token, cache_dir, offline, progress=sys.stderr.isatty()))
-    if len(sources) > 1:
-        raise click.UsageError(f"{path} holds {len(sources)} checkpoints; inspect one of them")
-    (source,) = sources
-    with open_checkpoint(source.path, key=key, label=source.label, origin=source.origin) as ck:
+    hub = _hub(token, cache_dir, offline, progress=sys.stderr.isatty())
+    with open_checkpoints([path], key=key, hub=hub, fetch=False) as checkpoints:
+        if len(checkpoints) > 1:
+            raise click.UsageError(f"{path} holds {len(checkpoints)} checkpoints; inspect one of them")
+        (ck,) = checkpoints
         if as_json:
             click.echo(
                 json.dumps(

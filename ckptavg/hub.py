@@ -29,6 +29,8 @@ from fnmatch import fnmatchcase
 from functools import cache
 from pathlib import Path, PurePosixPath
 
+from . import dtypes
+from .dtypes import TensorInfo
 from .errors import InputError
 from .readers import INDEX_SUFFIX
 from .sources import (
@@ -120,8 +122,11 @@ class _Checkpoint:
         return f"{HUB_PREFIX}{self.repo_id}@{self.revision.resolved}/{self.weights}"
 
 
-def resolve_hub_specs(specs: Sequence[str], options: HubOptions) -> list[list[Source]]:
+def resolve_hub_specs(specs: Sequence[str], options: HubOptions, *, fetch: bool = True) -> list[list[Source]]:
     """The checkpoints of each `hf://` spec, fetched into the cache: one list of sources per spec.
+
+    With `fetch=False`, safetensors checkpoints not yet in the cache are described by
+    their headers instead (read with range requests), to plan without downloading.
 
     Raises:
         InputError: one line naming the spec for every failure of the Hub or the cache.
@@ -132,7 +137,13 @@ def resolve_hub_specs(specs: Sequence[str], options: HubOptions) -> list[list[So
             located.append(_locate(HubSpec.parse(spec), spec, options))
     _check_free_space([ck for found in located for ck in found], options)
     return [
-        [_download(ck, spec, options) for ck in found] for spec, found in zip(specs, located, strict=True)
+        [
+            _download(ck, spec, options)
+            if fetch or not _plannable(ck, options)
+            else _headers(ck, spec, options)
+            for ck in found
+        ]
+        for spec, found in zip(specs, located, strict=True)
     ]
 
 
@@ -281,16 +292,8 @@ def _fetch_one(checkpoint: _Checkpoint, filename: str, options: HubOptions) -> s
 
 
 def _check_free_space(checkpoints: Sequence[_Checkpoint], options: HubOptions) -> None:
-    from huggingface_hub import try_to_load_from_cache
-
     needed = sum(
-        size or 0
-        for ck in checkpoints
-        for path, size in ck.files.items()
-        if not isinstance(
-            try_to_load_from_cache(ck.repo_id, path, cache_dir=options.cache, revision=ck.revision.resolved),
-            str,
-        )
+        size or 0 for ck in checkpoints for path, size in ck.files.items() if not _cached(ck, path, options)
     )
     if needed == 0:
         return
@@ -324,14 +327,54 @@ def _download(checkpoint: _Checkpoint, spec: str, options: HubOptions) -> Source
     return Source(Path(folder) / checkpoint.weights, checkpoint.label, checkpoint.origin)
 
 
-def _require_cached(checkpoint: _Checkpoint, options: HubOptions) -> None:
+def _plannable(checkpoint: _Checkpoint, options: HubOptions) -> bool:
+    """Whether the checkpoint can be planned from headers alone: safetensors, and not all cached."""
+    weights = [p for p in checkpoint.files if not is_model_side_file(PurePosixPath(p).name)]
+    safetensors = all(p.endswith((".safetensors", ".safetensors" + INDEX_SUFFIX)) for p in weights)
+    return (
+        safetensors and not options.is_offline and not all(_cached(checkpoint, p, options) for p in weights)
+    )
+
+
+def _headers(checkpoint: _Checkpoint, spec: str, options: HubOptions) -> Source:
+    """The checkpoint's safetensors headers, read from the Hub with range requests."""
+    api = _api(options)
+    headers = {}
+    with _hub_errors(spec, options, checkpoint):
+        for path in checkpoint.files:
+            if not path.endswith(".safetensors"):
+                continue
+            header = api.parse_safetensors_file_metadata(
+                checkpoint.repo_id, path, revision=checkpoint.revision.resolved
+            )
+            tensors = {}
+            for name, info in header.tensors.items():
+                if not dtypes.is_known(info.dtype):
+                    raise InputError(
+                        f"{checkpoint.label}: tensor '{name}' has dtype {info.dtype}, "
+                        "which ckptavg cannot average"
+                    )
+                tensors[name] = TensorInfo(info.dtype, tuple(info.shape))
+            headers[PurePosixPath(path).name] = (tensors, dict(header.metadata or {}))
+    weight_map = None
+    if checkpoint.weights.endswith(INDEX_SUFFIX):
+        index = _fetch_one(checkpoint, checkpoint.weights, options)
+        weight_map = json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"]
+    return Source(Path(checkpoint.label), checkpoint.label, checkpoint.origin, headers=(headers, weight_map))
+
+
+def _cached(checkpoint: _Checkpoint, path: str, options: HubOptions) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
+    cached = try_to_load_from_cache(
+        checkpoint.repo_id, path, cache_dir=options.cache, revision=checkpoint.revision.resolved
+    )
+    return isinstance(cached, str)
+
+
+def _require_cached(checkpoint: _Checkpoint, options: HubOptions) -> None:
     for path in checkpoint.files:
-        cached = try_to_load_from_cache(
-            checkpoint.repo_id, path, cache_dir=options.cache, revision=checkpoint.revision.resolved
-        )
-        if not isinstance(cached, str):
+        if not _cached(checkpoint, path, options):
             raise InputError(
                 f"{HUB_PREFIX}{checkpoint.repo_id}@{checkpoint.revision}: {path} is not in the cache "
                 f"{options.cache} (offline); run once without --offline to fetch it"

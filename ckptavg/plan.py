@@ -158,8 +158,8 @@ class Plan:
         """Human-readable lines: the weight of every checkpoint, sizes, layout and memory."""
         params = ", ".join(f"{k}={v}" for k, v in self.schedule.params().items())
         lines = [
-            f"{self.schedule.method}{f' ({params})' if params else ''} over {len(self.checkpoints)} "
-            f"checkpoint{'s' if len(self.checkpoints) != 1 else ''}, oldest first:"
+            f"{self.schedule.method}{f' ({params})' if params else ''} over "
+            f"{_plural(len(self.checkpoints), 'checkpoint')}, oldest first:"
         ]
         heaviest = max(self.weights)
         for i, (ck, w) in enumerate(zip(self.checkpoints, self.weights, strict=True), 1):
@@ -169,11 +169,12 @@ class Plan:
         averaged = [t for t in self.tensors if t.averaged]
         copied = len(self.tensors) - len(averaged)
         numel = sum(ck_info.numel for ck_info in self.checkpoints[0].tensors.values())
-        lines.append(
-            f"tensors:    {len(self.tensors)} ({len(averaged)} averaged in "
-            f"{_user_dtype(self.accum_dtype)}"
-            + (f", {copied} integer/bool copied from the last checkpoint)" if copied else ")")
-        )
+        if len(self.checkpoints) == 1:
+            kinds = "all copied: there is one checkpoint"
+        else:
+            kinds = f"{len(averaged)} averaged in {_user_dtype(self.accum_dtype)}"
+            kinds += f", {copied} integer/bool copied from the last checkpoint" if copied else ""
+        lines.append(f"tensors:    {len(self.tensors)} ({kinds})")
         for tensor in self.tensors:
             if tensor.same_as is not None:
                 lines.append(
@@ -182,7 +183,7 @@ class Plan:
         lines.append(f"parameters: {numel:,}")
         lines.append(
             f"input:      {format_bytes(sum(ck.nbytes for ck in self.checkpoints))} in "
-            f"{len(self.checkpoints)} checkpoints, {format_bytes(self.bytes_to_read)} to read"
+            f"{_plural(len(self.checkpoints), 'checkpoint')}, {format_bytes(self.bytes_to_read)} to read"
         )
         out_dtypes = _count_dtypes(self.tensors)
         lines.append(f"output:     {format_bytes(self.output_nbytes)}, {out_dtypes}")
@@ -191,8 +192,7 @@ class Plan:
                 what = ", ".join(f.name for f in self.files[:3]) + (", ..." if len(self.files) > 3 else "")
                 index = f" + {INDEX_NAME}" if len(self.files) > 1 else ""
                 lines.append(
-                    f"writes:     {self.output}{os.sep} ({len(self.files)} file"
-                    f"{'s' if len(self.files) != 1 else ''}: {what}{index})"
+                    f"writes:     {self.output}{os.sep} ({_plural(len(self.files), 'file')}: {what}{index})"
                 )
             elif self.torch_output:
                 wrapped = f"{{'{self.wrap_key}': state_dict}}" if self.wrap_key else "a plain state dict"
@@ -288,13 +288,11 @@ def _check_same_model(checkpoints: Sequence[Checkpoint]) -> None:
             parts = []
             if missing:
                 parts.append(
-                    f"lacks {len(missing)} tensor{'s' if len(missing) > 1 else ''} of "
-                    f"{reference.label} ({_names(missing)})"
+                    f"lacks {_plural(len(missing), 'tensor')} of {reference.label} ({_names(missing)})"
                 )
             if extra:
                 parts.append(
-                    f"has {len(extra)} tensor{'s' if len(extra) > 1 else ''} that "
-                    f"{reference.label} lacks ({_names(extra)})"
+                    f"has {_plural(len(extra), 'tensor')} that {reference.label} lacks ({_names(extra)})"
                 )
             raise MismatchError(
                 f"{ck.label}: {' and '.join(parts)}; average only checkpoints of the same model"
@@ -396,6 +394,10 @@ def _count_dtypes(tensors: Sequence[TensorPlan]) -> str:
     for t in tensors:
         counts[t.dtype] = counts.get(t.dtype, 0) + 1
     return ", ".join(f"{n} {d}" for d, n in counts.items())
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _names(names: Sequence[str]) -> str:

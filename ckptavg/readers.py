@@ -167,6 +167,23 @@ def open_checkpoint(
     return checkpoint
 
 
+def open_headers(
+    headers: dict[str, tuple[dict[str, TensorInfo], dict[str, str]]],
+    *,
+    label: str,
+    origin: str,
+    weight_map: dict[str, str] | None = None,
+    strip_prefix: Sequence[str] = (),
+) -> Checkpoint:
+    """A checkpoint known by its safetensors headers only (file name -> (tensors, metadata)).
+
+    Enough to plan and validate a run, e.g. of Hub checkpoints not yet downloaded;
+    reading a tensor raises.
+    """
+    shards = [_HeaderOnlyFile(Path(name), tensors, metadata) for name, (tensors, metadata) in headers.items()]
+    return Checkpoint(Path(label), shards, weight_map, strip_prefix, label, origin)
+
+
 def _open_file(path: Path, key: str | None):
     if path.suffix in TORCH_SUFFIXES:
         return _TorchFile(path, key)
@@ -232,6 +249,19 @@ class _SafetensorsFile:
             if name != METADATA_KEY
         }
         self._bytes = torch.frombuffer(mapped, dtype=torch.uint8)
+
+
+class _HeaderOnlyFile:
+    """A safetensors file described by its header, with no data at hand."""
+
+    notes: tuple[str, ...] = ("header only, not downloaded",)
+    tied: tuple = ()
+
+    def __init__(self, path: Path, tensors: dict[str, TensorInfo], metadata: dict[str, str]):
+        self.path, self.tensors, self.metadata = path, tensors, metadata
+
+    def get(self, name: str, info: TensorInfo):
+        raise InputError(f"{self.path}: tensor '{name}' was not downloaded (the checkpoint was only planned)")
 
 
 class _TorchFile:

@@ -52,11 +52,14 @@ class Source:
         path: the local file: a weights file, or the `*.index.json` of shards.
         label: what the plan shows, e.g. `ckpts/step_2.safetensors` or `hf://org/run@step2/model.safetensors`.
         origin: what the output's metadata records: the label, with a Hub revision pinned to its commit.
+        headers: for a Hub checkpoint that was not fetched (planning only): (file name ->
+            (tensors, metadata) of each safetensors file, weight map or None), read with range requests.
     """
 
     path: Path
     label: str
     origin: str
+    headers: tuple | None = None
 
     @classmethod
     def local(cls, path: Path) -> Source:
@@ -70,7 +73,7 @@ def natural_key(text: str | os.PathLike) -> list:
 
 
 def resolve_sources(
-    specs: Iterable[str | os.PathLike], *, keep_order: bool = False, hub=None
+    specs: Iterable[str | os.PathLike], *, keep_order: bool = False, hub=None, fetch: bool = True
 ) -> list[Source]:
     """Expand specs to checkpoint files, in natural order of their labels unless `keep_order`.
 
@@ -78,6 +81,8 @@ def resolve_sources(
         specs: files, folders, quoted glob patterns, `hf://` paths.
         keep_order: keep the order given (patterns still expand in natural order).
         hub: `hub.HubOptions` for `hf://` specs (token, cache folder, offline); default options if None.
+        fetch: download Hub checkpoints; if False, Hub safetensors checkpoints that are not
+            cached come with their headers only (enough to plan, not to average).
 
     Raises:
         InputError: a path does not exist, a pattern matches nothing, a folder
@@ -100,7 +105,7 @@ def resolve_sources(
     if hub_specs:
         from .hub import HubOptions, resolve_hub_specs
 
-        resolved = resolve_hub_specs([spec for _, spec in hub_specs], hub or HubOptions())
+        resolved = resolve_hub_specs([spec for _, spec in hub_specs], hub or HubOptions(), fetch=fetch)
         for (position, _), found in reversed(list(zip(hub_specs, resolved, strict=True))):
             sources[position:position] = found
     if not sources:

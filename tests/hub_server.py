@@ -47,7 +47,7 @@ class Repo:
 class HubServer:
     def __init__(self):
         self.repos: dict[str, Repo] = {}
-        self.requests: list[tuple[str, str]] = []
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -64,8 +64,12 @@ class HubServer:
         self._server.server_close()
 
     def downloads(self) -> list[str]:
-        """Paths of the files fetched with GET so far."""
-        return [path for method, path in self.requests if method == "GET" and "/resolve/" in path]
+        """Paths of the files fetched whole with GET so far (ranged reads of headers excluded)."""
+        return [
+            path
+            for method, path, ranged in self.requests
+            if method == "GET" and "/resolve/" in path and ranged is None
+        ]
 
 
 _REVISION_API = re.compile(r"^/api/models/([^/]+/[^/]+)(?:/revision/(.+))?$")
@@ -89,7 +93,7 @@ def _handler(hub: HubServer):
 
         def _serve(self, body: bool):
             path = urlsplit(self.path).path
-            hub.requests.append((self.command, path))
+            hub.requests.append((self.command, path, self.headers.get("Range")))
             for pattern, route in (
                 (_REVISION_API, self._revision),
                 (_REFS_API, self._refs),
@@ -179,7 +183,7 @@ def _handler(hub: HubServer):
             match = re.match(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
             if match:
                 status, start = 206, int(match.group(1))
-                end = int(match.group(2)) + 1 if match.group(2) else len(data)
+                end = min(int(match.group(2)) + 1, len(data)) if match.group(2) else len(data)
             self.send_response(status)
             self.send_header("X-Repo-Commit", sha)
             self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')

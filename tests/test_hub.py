@@ -258,7 +258,27 @@ class TestErrors:
         assert result.output.strip().count("\n") == 0 and "has no revision 'step99'" in result.output
 
 
-def test_cli_dry_run_over_revisions(tmp_path, hub):
-    result = CliRunner().invoke(main, ["ema", "--decay", "0.5", "hf://org/run@step*", "--dry-run"])
-    assert result.exit_code == 0, result.output
-    assert "hf://org/run@step10/model.safetensors" in result.output
+class TestPlanningWithoutDownloading:
+    def test_dry_run_reads_headers_only(self, tmp_path, hub):
+        result = CliRunner().invoke(
+            main, ["ema", "--decay", "0.5", "hf://org/run@step*", "hf://org/sharded", "--dry-run"]
+        )
+        assert result.exit_code == 0, result.output
+        assert "hf://org/run@step10/model.safetensors  (header only, not downloaded)" in result.output
+        assert "tensors:    9 (8 averaged in float32" in result.output
+        assert not any(path.endswith(".safetensors") for path in hub.downloads())
+        assert any(ranged and path.endswith("model.safetensors") for _, path, ranged in hub.requests)
+
+    def test_dry_run_finds_mismatches_before_any_download(self, tmp_path, hub):
+        hub.repos["org/run"].commit({"model.safetensors": weights({"other": torch.ones(2)})}, branch="step3")
+        result = CliRunner().invoke(main, ["swa", "hf://org/run@step*", "--dry-run"])
+        assert result.exit_code == 1
+        assert "hf://org/run@step3/model.safetensors: lacks 9 tensors" in result.output
+        assert hub.downloads() == []
+
+    def test_inspect_a_hub_checkpoint(self, hub):
+        result = CliRunner().invoke(main, ["inspect", "hf://org/sharded"])
+        assert result.exit_code == 0, result.output
+        assert "hf://org/sharded@main/model.safetensors.index.json  (header only" in result.output
+        assert "tensors: 9, parameters: 179" in result.output
+        assert not any(path.endswith(".safetensors") for path in hub.downloads())
