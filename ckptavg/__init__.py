@@ -13,6 +13,7 @@ from .schedules import ema, swa, weighted
 
 __all__ = [
     "CkptavgError",
+    "HubOptions",
     "InputError",
     "MismatchError",
     "OutputError",
@@ -33,6 +34,7 @@ _LAZY = {
     "open_checkpoints": "api",
     "run_plan": "api",
     "build_plan": "plan",
+    "HubOptions": "hub",
     "open_checkpoint": "readers",
 }
 

@@ -168,7 +168,8 @@ def main():
 
     Inputs are checkpoint files (.safetensors, .pt, .pth, .bin, .ckpt), Hugging Face
     model folders (model.safetensors, pytorch_model.bin, or shards with an index),
-    runs of Trainer checkpoint-N folders, or quoted glob patterns. They are
+    runs of Trainer checkpoint-N folders, quoted glob patterns, or Hugging Face Hub
+    paths hf://ORG/REPO[@REVISION][/PATH] (revisions and paths may be globs). They are
     averaged in natural order (step_2 before step_10), one tensor at a time, so
     memory stays flat whatever the model size. The output is written atomically:
     a failed or interrupted run leaves nothing behind.
@@ -176,6 +177,7 @@ def main():
     \b
     ckptavg swa 'ckpts/*.safetensors' -o swa.safetensors
     ckptavg ema --decay 0.9 'ckpts/*.safetensors' -o ema.safetensors --dry-run
+    ckptavg swa 'hf://org/run@step14*' -o swa/
     ckptavg inspect ema.safetensors
     """
 
