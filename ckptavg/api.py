@@ -16,9 +16,13 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import OutputError
 from .hub import HubOptions
+
+if TYPE_CHECKING:
+    from .bn import BatchNormPass
 from .plan import Plan, build_plan
 from .readers import Checkpoint, open_checkpoint, open_headers
 from .schedules import Schedule
@@ -81,6 +85,7 @@ def average(
     max_shard_size: int | str | None = None,
     force: bool = False,
     wrap_key: str | None = None,
+    bn: BatchNormPass | None = None,
     progress: bool = False,
 ) -> Plan:
     """Average checkpoints into `out`, streaming: memory stays flat whatever the model size.
@@ -102,7 +107,9 @@ def average(
         max_shard_size: largest output file, e.g. `"5GB"` (folder outputs).
         force: replace an existing output.
         wrap_key: for a torch output, save `{wrap_key: state_dict}`.
-        progress: show a progress bar over the bytes read.
+        bn: recompute the BatchNorm statistics of the average over data before the
+            final write (`ckptavg.BatchNormPass(model=..., data=ckptavg.DataOptions(...))`).
+        progress: show progress bars.
 
     Returns:
         The plan that was carried out (weights, tensors, output files).
@@ -123,8 +130,12 @@ def average(
             force=force,
             wrap_key=wrap_key,
         )
-        run_plan(plan, device=device, progress=progress)
-        return plan
+        if bn is None:
+            run_plan(plan, device=device, progress=progress)
+            return plan
+        from .bn import average_then_recompute_statistics
+
+        return average_then_recompute_statistics(plan, bn, device=device, progress=progress)
 
 
 def run_plan(plan: Plan, *, device: str = "cpu", progress: bool = False) -> Path:

@@ -81,6 +81,159 @@ _hub_options = [
 ]
 
 
+def _floats(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers") from None
+
+
+def _json_object(ctx, param, value):
+    try:
+        parsed = json.loads(value)
+    except ValueError as e:
+        raise click.BadParameter(f"{value!r} is not JSON ({e})") from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter(f"{value!r} is not a JSON object such as '{{\"num_classes\": 10}}'")
+    return parsed
+
+
+def _bn_options(data_flag: str, required: bool):
+    """The BatchNorm pass's options; `data_flag` is --data (bn-update) or --bn-data (averaging)."""
+    data_help = (
+        "Data for the BatchNorm pass: an image folder (class subfolders or flat), a tensor file "
+        "(.safetensors, .pt, .npy) or package.module:callable returning batches."
+    )
+    if not required:
+        data_help += " Recomputes the BatchNorm statistics of the average before writing it."
+    options = [
+        click.option(
+            "--model",
+            "model",
+            metavar="SPEC",
+            help="The architecture, built with random weights: package.module:callable, "
+            "torchvision:NAME or timm:NAME (imported and run: only give code you trust).",
+        ),
+        click.option(
+            "--model-kwargs",
+            default="{}",
+            callback=_json_object,
+            metavar="JSON",
+            help="Keyword arguments for the model, e.g. '{\"num_classes\": 10}'.",
+        ),
+        click.option(data_flag, "bn_data", required=required, metavar="PATH|SPEC", help=data_help),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
+        click.option(
+            "--samples", type=click.IntRange(min=1), help="Use this many inputs, drawn with --seed."
+        ),
+        click.option("--max-batches", type=click.IntRange(min=1), help="Stop after this many batches."),
+        click.option(
+            "--workers",
+            type=click.IntRange(min=0),
+            default=2,
+            show_default=True,
+            help="Processes decoding images (0: decode in this process).",
+        ),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing --samples."),
+        click.option("--data-key", metavar="NAME", help="Tensor files: the tensor holding the inputs."),
+        click.option("--image-size", type=click.IntRange(min=1), help="Center-crop size [default: 224]."),
+        click.option(
+            "--resize-size",
+            type=click.IntRange(min=1),
+            help="Resize the shorter side to this before cropping [default: image size / 0.875].",
+        ),
+        click.option(
+            "--mean", callback=_floats, metavar="R,G,B", help="Normalization mean [default: ImageNet's]."
+        ),
+        click.option(
+            "--std", callback=_floats, metavar="R,G,B", help="Normalization std [default: ImageNet's]."
+        ),
+        click.option(
+            "--strict-data", is_flag=True, help="Fail on an unreadable image instead of skipping it."
+        ),
+        click.option("--amp", type=click.Choice(["bf16", "fp16"]), help="Run the pass under autocast (GPU)."),
+        click.option("--channels-last", is_flag=True, help="Run the model in channels-last memory format."),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _bn_pass(options: dict, device: str):
+    """The BatchNormPass the bn options describe (removing them from `options`), or None without data."""
+    from .bn import BatchNormPass
+    from .data import DataOptions
+
+    names = (
+        "model",
+        "model_kwargs",
+        "bn_data",
+        "batch_size",
+        "samples",
+        "max_batches",
+        "workers",
+        "seed",
+        "data_key",
+        "image_size",
+        "resize_size",
+        "mean",
+        "std",
+        "strict_data",
+        "amp",
+        "channels_last",
+    )
+    values = {name: options.pop(name) for name in names}
+    if values["bn_data"] is None:
+        return None
+    if values["model"] is None:
+        raise click.UsageError(
+            "the BatchNorm pass needs the architecture: add --model, e.g. torchvision:resnet50"
+        )
+    data = DataOptions(
+        data=values["bn_data"],
+        batch_size=values["batch_size"],
+        samples=values["samples"],
+        max_batches=values["max_batches"],
+        workers=values["workers"],
+        seed=values["seed"],
+        data_key=values["data_key"],
+        image_size=values["image_size"],
+        resize_size=values["resize_size"],
+        mean=values["mean"],
+        std=values["std"],
+        strict_data=values["strict_data"],
+    )
+    return BatchNormPass(
+        model=values["model"],
+        data=data,
+        model_kwargs=values["model_kwargs"],
+        device=device,
+        amp=values["amp"],
+        channels_last=values["channels_last"],
+    )
+
+
+def _report_pass(plan) -> None:
+    """The pass's counts, from the record kept in the output's metadata; unreadable images as a warning."""
+    from .bn import BN_KEY
+
+    record = json.loads(plan.provenance[BN_KEY])
+    click.echo(
+        f"recomputed BatchNorm statistics over {record['samples']} inputs in {record['batches']} batches"
+    )
+    if record["skipped"]:
+        click.echo(
+            f"warning: skipped {record['skipped']} unreadable images, e.g. {record['unreadable'][0]}",
+            err=True,
+        )
+
+
 def _hub_option_decorators(command):
     for option in reversed(_hub_options):
         command = option(command)
@@ -158,7 +311,7 @@ def _averaging_options(command):
     ]
     for option in reversed(options):
         command = option(command)
-    return _hub_option_decorators(command)
+    return _bn_options("--bn-data", required=False)(_hub_option_decorators(command))
 
 
 @click.group(context_settings=_CONTEXT)
@@ -277,10 +430,12 @@ def _average(
     token,
     cache_dir,
     offline,
+    **bn_options,
 ):
     from .api import open_checkpoints, run_plan
     from .plan import build_plan
 
+    bn = _bn_pass(bn_options, device)
     if output is None and not dry_run:
         raise click.UsageError("give an output with -o PATH (or check the inputs with --dry-run)")
     progress = not quiet and sys.stderr.isatty()
@@ -300,12 +455,24 @@ def _average(
         )
         if not quiet or dry_run:
             click.echo("\n".join(plan.describe()))
+            if bn is not None:
+                from .bn import describe_pass
+
+                click.echo(describe_pass(bn))
         for warning in plan.warnings:
             click.echo(f"warning: {warning}", err=True)
         if dry_run:
             click.echo("dry run: nothing written")
             return
-        path = run_plan(plan, device=device, progress=progress)
+        if bn is None:
+            path = run_plan(plan, device=device, progress=progress)
+        else:
+            from .bn import average_then_recompute_statistics
+
+            plan = average_then_recompute_statistics(plan, bn, device=device, progress=progress)
+            path = plan.output
+            if not quiet:
+                _report_pass(plan)
     if not quiet:
         from .units import format_bytes
 
@@ -313,6 +480,107 @@ def _average(
             f"wrote {path}{'/' if plan.folder else ''} ({format_bytes(plan.output_nbytes)}, "
             f"{len(plan.tensors)} tensors)"
         )
+
+
+@main.command("bn-update", context_settings=_CONTEXT)
+@click.argument("checkpoint_spec", metavar="CHECKPOINT")
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    metavar="PATH",
+    help="Output file (.safetensors, .pt/.pth/.bin) or folder ending in '/'.",
+)
+@click.option("--key", metavar="NAME", help="Torch files: the dict holding the weights.")
+@click.option(
+    "--strip-prefix",
+    multiple=True,
+    metavar="PREFIX",
+    help="Remove this prefix from tensor names, e.g. module. (repeatable).",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    metavar="auto|cpu|cuda|cuda:N",
+    help="Where the model runs; auto picks CUDA when available.",
+)
+@click.option("--max-shard-size", metavar="SIZE", help="Largest output file, e.g. 5GB (folder outputs).")
+@click.option("--wrap-key", metavar="NAME", help="Torch output: save {NAME: state_dict}.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option(
+    "--dry-run", is_flag=True, help="Build the model, check the weights fit, open the data; no pass."
+)
+@click.option("-q", "--quiet", is_flag=True, help="Print only warnings and errors.")
+@_bn_options("--data", required=True)
+@_hub_option_decorators
+@_reports_errors
+def bn_update(
+    checkpoint_spec,
+    output,
+    key,
+    strip_prefix,
+    device,
+    max_shard_size,
+    wrap_key,
+    force,
+    dry_run,
+    quiet,
+    token,
+    cache_dir,
+    offline,
+    **bn_options,
+):
+    """Recompute the BatchNorm statistics of a checkpoint with one pass over data.
+
+    Averaged weights do not match the running statistics averaged with them;
+    this runs torch.optim.swa_utils.update_bn with the checkpoint's weights in
+    the model given by --model, then writes every tensor unchanged except the
+    BatchNorm running_mean, running_var and num_batches_tracked. The output's
+    metadata keeps the checkpoint's (e.g. the averaging's) and records the pass.
+
+    --model and --data callables are imported and run: they are the only code
+    ckptavg ever imports on your behalf; checkpoints are never executed.
+
+    \b
+    ckptavg bn-update swa.safetensors --model torchvision:resnet50 \\
+        --data imagenet/train --samples 10000 -o swa_bn.safetensors
+    ckptavg bn-update swa.pt --model mypkg.nets:build --model-kwargs '{"width": 2}' \\
+        --data batches.npy -o swa_bn.pt
+    ckptavg swa 'ckpts/*.pt' --bn-data imagenet/train --model timm:resnet50 -o swa_bn.safetensors
+    """
+    from .api import open_checkpoints
+    from .bn import check_pass, write_with_new_statistics
+
+    bn = _bn_pass(bn_options, device)
+    if output is None and not dry_run:
+        raise click.UsageError("give an output with -o PATH (or check with --dry-run)")
+    progress = not quiet and sys.stderr.isatty()
+    hub = _hub(token, cache_dir, offline, progress)
+    with open_checkpoints(
+        [checkpoint_spec], key=key, strip_prefix=strip_prefix, hub=hub, fetch=not dry_run
+    ) as checkpoints:
+        if len(checkpoints) > 1:
+            raise click.UsageError(f"{checkpoint_spec} holds {len(checkpoints)} checkpoints; give one")
+        (checkpoint,) = checkpoints
+        if dry_run:
+            click.echo(f"bn-update of {checkpoint.label}")
+            click.echo("\n".join(check_pass(checkpoint, bn)))
+            click.echo("dry run: nothing written")
+            return
+        plan, _ = write_with_new_statistics(
+            checkpoint,
+            bn,
+            output=output,
+            provenance=checkpoint.metadata,
+            force=force,
+            max_shard_size=max_shard_size,
+            wrap_key=wrap_key,
+            progress=progress,
+        )
+    if not quiet:
+        _report_pass(plan)
+        click.echo(f"wrote {plan.output}{'/' if plan.folder else ''}")
 
 
 @main.command(context_settings=_CONTEXT)

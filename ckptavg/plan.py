@@ -93,6 +93,8 @@ class Plan:
     wrap_key: str | None = None
     extra_files: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    provenance: dict[str, str] | None = None
+    shard_size: int | None = None
 
     @property
     def last(self) -> Checkpoint:
@@ -130,7 +132,13 @@ class Plan:
         return elements * (accumulators + outputs)
 
     def metadata(self) -> dict[str, str]:
-        """Provenance stored in the output's `__metadata__` (all values are strings)."""
+        """Provenance stored in the output's `__metadata__` (all values are strings).
+
+        A plan that only copies a checkpoint with some tensors replaced (bn-update)
+        sets `provenance` to keep the averaging's record instead.
+        """
+        if self.provenance is not None:
+            return {**self.provenance, VERSION_KEY: __version__}
         return {
             "format": self.checkpoints[0].metadata.get("format", "pt"),
             VERSION_KEY: __version__,
@@ -339,7 +347,9 @@ def _lay_out(
         plan.files = [OutputFile(target.name, tuple(plan.tensors))]
         return
     plan.extra_files = model_folder_files(plan.last.folder)
-    limit = parse_size(max_shard_size if max_shard_size is not None else DEFAULT_FOLDER_SHARD_SIZE)
+    limit = plan.shard_size = parse_size(
+        max_shard_size if max_shard_size is not None else DEFAULT_FOLDER_SHARD_SIZE
+    )
     shards: list[list[TensorPlan]] = [[]]
     size = 0
     for tensor in plan.tensors:
