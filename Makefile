@@ -31,6 +31,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_average.py
+	cd benchmarks && ../$(BIN)/python bench_bn.py
 
 clean:
 	rm -rf $(VENV) examples/output benchmarks/data benchmarks/results
