@@ -50,7 +50,9 @@ def ensure_data() -> tuple[Path, Path]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
@@ -60,11 +62,35 @@ def main() -> None:
     commands = {
         "floor": [sys.executable, "-c", "import torch, torchvision"],
         f"ckptavg bn-update --workers {args.workers}": [
-            sys.executable, "-m", "ckptavg", "bn-update", str(weights), "--model", "torchvision:resnet18",
-            "--model-kwargs", '{"num_classes": 10}', "--data", str(folder), "--workers", str(args.workers),
-            "--batch-size", "32", "--device", "cpu", "-o", str(RESULTS / "bn.safetensors"), "--force", "-q"],
-        "plain loop (1 process)": [sys.executable, str(HERE / "plain_bn_loop.py"), str(weights), str(folder),
-                                   str(RESULTS / "plain_bn.safetensors")],
+            sys.executable,
+            "-m",
+            "ckptavg",
+            "bn-update",
+            str(weights),
+            "--model",
+            "torchvision:resnet18",
+            "--model-kwargs",
+            '{"num_classes": 10}',
+            "--data",
+            str(folder),
+            "--workers",
+            str(args.workers),
+            "--batch-size",
+            "32",
+            "--device",
+            "cpu",
+            "-o",
+            str(RESULTS / "bn.safetensors"),
+            "--force",
+            "-q",
+        ],
+        "plain loop (1 process)": [
+            sys.executable,
+            str(HERE / "plain_bn_loop.py"),
+            str(weights),
+            str(folder),
+            str(RESULTS / "plain_bn.safetensors"),
+        ],
     }
     runs: dict[str, list[float]] = {label: [] for label in commands}
     for _ in range(args.rounds):

@@ -14,10 +14,14 @@ from torchvision import transforms
 weights, folder, out = sys.argv[1:4]
 model = torchvision.models.resnet18(num_classes=10)
 model.load_state_dict(load_file(weights))
-transform = transforms.Compose([
-    transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-    transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-])
+transform = transforms.Compose(
+    [
+        transforms.Resize(256),
+        transforms.CenterCrop(224),
+        transforms.ToTensor(),
+        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ]
+)
 loader = torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(folder, transform), batch_size=32)
 update_bn(loader, model)
 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out)

@@ -34,7 +34,7 @@ from .writer import (
 )
 
 # Elements per chunk of a large tensor: working memory is a few chunks, whatever the model size.
-CHUNK_ELEMENTS = 4 * 2**20
+CHUNK_ELEMENTS = 2**20  # 4 MB of fp32: the accumulator and its scratch stay in the CPU's cache
 # Buffers of each kind that may be in flight between the engine and the writer thread.
 BUFFERS_IN_FLIGHT = 3
 DEFAULT_FOLDER_SHARD_SIZE = "50GB"

@@ -20,6 +20,7 @@ import struct
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from . import dtypes
@@ -32,6 +33,10 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_FILE_NAME = "model.safetensors"
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 TORCH_OUTPUT_SUFFIXES = (".pt", ".pth", ".bin")
+# Start the disk writing every this many bytes: the kernel would otherwise wait for
+# gigabytes of dirty pages, and the final fsync would then wait for all of them.
+WRITEBACK_BYTES = 64 * 2**20
+_SYNC_FILE_RANGE_WRITE = 2
 VERSION_KEY = "ckptavg.version"
 METADATA_KEY = "__metadata__"
 
@@ -87,6 +92,7 @@ class SafetensorsWriter:
         header = encode_header(entries, metadata)
         self._expected = sum(entry.nbytes for entry in entries)
         self._written = 0
+        self._unflushed = 0
         self._offsets: dict[str, int] = {}
         offset = len(header)
         for entry in entries:
@@ -106,6 +112,10 @@ class SafetensorsWriter:
         if self._written > self._expected:
             raise OutputError(f"{self.path}: more data than the header declares (internal error)")
         self._write_all(memoryview(raw), self._offsets[name] + start)
+        self._unflushed += raw.nbytes
+        if self._unflushed >= WRITEBACK_BYTES:
+            _start_writeback(self._file.fileno())
+            self._unflushed = 0
 
     def finish(self) -> None:
         """Check every declared byte was written, then flush to disk."""
@@ -275,6 +285,27 @@ def ensure_free_space(target: Path, nbytes: int) -> None:
             f"{target}: needs {format_bytes(nbytes)} but only {format_bytes(free)} is free there; "
             "free some space or write elsewhere"
         )
+
+
+@cache
+def _sync_file_range():
+    """libc's sync_file_range (Linux), or None where there is none."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return function
+
+
+def _start_writeback(fd: int) -> None:
+    """Start writing the file's dirty pages to disk without waiting for them (a hint only)."""
+    function = _sync_file_range()
+    if function is not None:
+        function(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def _fsync_dir(path: Path) -> None:
