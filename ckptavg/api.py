@@ -193,5 +193,7 @@ def run_plan(plan: Plan, *, device: str = "cpu", progress: bool = False) -> Path
                 output.write_json(INDEX_NAME, index)
             for extra in plan.extra_files:
                 output.copy_file(extra)
+            for checkpoint in plan.checkpoints:
+                checkpoint.check_unchanged()
             output.commit()
     return plan.output

@@ -302,6 +302,8 @@ class _WithReplacements:
 
     notes: tuple[str, ...] = ()
 
+    stamp = None  # the wrapped checkpoint checks its own files
+
     def __init__(self, checkpoint: Checkpoint, replacements: dict):
         self.path, self.tensors, self.metadata = checkpoint.path, checkpoint.tensors, checkpoint.metadata
         self.tied = checkpoint.tied

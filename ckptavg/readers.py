@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,6 +111,16 @@ class Checkpoint:
         """The tensor `name` as a read-only, zero-copy view of the mapped file."""
         shard, stored = self._where[name]
         return shard.get(stored, self.tensors[name])
+
+    def check_unchanged(self) -> None:
+        """Refuse a checkpoint whose files changed since they were opened (still being written?).
+
+        Raises:
+            InputError: naming the file that changed.
+        """
+        for shard in self._shards:
+            if shard.stamp is not None and _stamp(shard.path) != shard.stamp:
+                raise InputError(_changed(shard.path))
 
     def close(self) -> None:
         """Drop the maps; they are unmapped once no tensor view refers to them."""
@@ -209,6 +220,7 @@ class _SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = path
+        self.stamp = _stamp(path)
         handle = _safe_open(path)
         self.tensors = {}
         for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
@@ -236,6 +248,8 @@ class _SafetensorsFile:
 
         try:
             with open(self.path, "rb") as f:
+                if _stamp(f.fileno()) != self.stamp:
+                    raise InputError(_changed(self.path))
                 # ACCESS_COPY (MAP_PRIVATE, as safetensors maps): writable for torch, never written back.
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         except (OSError, ValueError) as e:
@@ -256,6 +270,7 @@ class _HeaderOnlyFile:
 
     notes: tuple[str, ...] = ("header only, not downloaded",)
     tied: tuple = ()
+    stamp = None
 
     def __init__(self, path: Path, tensors: dict[str, TensorInfo], metadata: dict[str, str]):
         self.path, self.tensors, self.metadata = path, tensors, metadata
@@ -271,6 +286,7 @@ class _TorchFile:
 
     def __init__(self, path: Path, key: str | None):
         self.path = path
+        self.stamp = _stamp(path)
         tensors, used_key, skipped = find_state_dict(load_torch_file(path), path, key)
         self.tensors = {}
         for name, tensor in tensors.items():
@@ -289,6 +305,19 @@ class _TorchFile:
 
     def get(self, name: str, info: TensorInfo):
         return self._values[name]
+
+
+def _stamp(file) -> tuple[int, int] | None:
+    """Size and modification time of a path or open file descriptor, to notice a file being rewritten."""
+    try:
+        info = os.stat(file)
+    except OSError:
+        return None
+    return info.st_size, info.st_mtime_ns
+
+
+def _changed(path: Path) -> str:
+    return f"{path}: changed while being read (still being written?); run again once it is complete"
 
 
 def _safe_open(path: Path):
