@@ -18,7 +18,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import OutputError
+from .errors import NonFiniteError, OutputError
 from .hub import HubOptions
 
 if TYPE_CHECKING:
@@ -85,6 +85,7 @@ def average(
     max_shard_size: int | str | None = None,
     force: bool = False,
     wrap_key: str | None = None,
+    nonfinite: str = "error",
     bn: BatchNormPass | None = None,
     progress: bool = False,
 ) -> Plan:
@@ -107,6 +108,7 @@ def average(
         max_shard_size: largest output file, e.g. `"5GB"` (folder outputs).
         force: replace an existing output.
         wrap_key: for a torch output, save `{wrap_key: state_dict}`.
+        nonfinite: a NaN or Inf in an input: `error`, `warn`, or `skip-checkpoint`.
         bn: recompute the BatchNorm statistics of the average over data before the
             final write (`ckptavg.BatchNormPass(model=..., data=ckptavg.DataOptions(...))`).
         progress: show progress bars.
@@ -129,6 +131,7 @@ def average(
             max_shard_size=max_shard_size,
             force=force,
             wrap_key=wrap_key,
+            nonfinite=nonfinite,
         )
         if bn is None:
             run_plan(plan, device=device, progress=progress)
@@ -139,14 +142,28 @@ def average(
 
 
 def run_plan(plan: Plan, *, device: str = "cpu", progress: bool = False) -> Path:
-    """Compute and write a planned output; returns its path. Nothing is left behind on failure."""
+    """Compute and write a planned output; returns its path. Nothing is left behind on failure.
+
+    With `nonfinite="skip-checkpoint"`, a checkpoint found holding NaN or Inf is
+    dropped from the plan (see `Plan.drop`) and the output is computed again.
+    """
+    if plan.output is None:
+        raise OutputError("the plan has no output; pass output= to build_plan")
+    while True:
+        try:
+            return _write(plan, device=device, progress=progress)
+        except NonFiniteError as e:
+            if plan.nonfinite != "skip-checkpoint" or len(plan.checkpoints) < 2:
+                raise
+            plan.drop(e.index, e.reason)  # and start again: every tensor so far had the old weights
+
+
+def _write(plan: Plan, *, device: str, progress: bool) -> Path:
     from tqdm.auto import tqdm
 
     from .engine import Engine, resolve_device
     from .pipeline import WriteQueue
 
-    if plan.output is None:
-        raise OutputError("the plan has no output; pass output= to build_plan")
     # A torch output is streamed to safetensors first, then saved from that file's map.
     ensure_free_space(plan.output, plan.output_nbytes * (2 if plan.torch_output else 1))
     metadata = plan.metadata()

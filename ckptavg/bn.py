@@ -179,7 +179,7 @@ def average_then_recompute_statistics(
                 checkpoint,
                 bn,
                 output=f"{target}/" if plan.folder else target,
-                provenance=plan.metadata(),
+                provenance=averaged.metadata(),
                 force=plan.force,
                 max_shard_size=plan.shard_size if plan.folder else None,
                 wrap_key=plan.wrap_key,

@@ -305,6 +305,14 @@ def _averaging_options(command):
             metavar="NAME",
             help="Torch output: save {NAME: state_dict} instead of the plain state dict.",
         ),
+        click.option(
+            "--nonfinite",
+            type=click.Choice(["error", "warn", "skip-checkpoint"]),
+            default="error",
+            show_default=True,
+            help="A NaN or Inf in an input: stop, warn and keep it, or drop that checkpoint and "
+            "average the others (checked during the sum, at no extra pass).",
+        ),
         click.option("--force", is_flag=True, help="Replace an existing output."),
         click.option("--dry-run", is_flag=True, help="Check the inputs and print the plan; write nothing."),
         click.option("-q", "--quiet", is_flag=True, help="Print only warnings and errors."),
@@ -424,6 +432,7 @@ def _average(
     device,
     max_shard_size,
     wrap_key,
+    nonfinite,
     force,
     dry_run,
     quiet,
@@ -452,6 +461,7 @@ def _average(
             max_shard_size=max_shard_size,
             force=force,
             wrap_key=wrap_key,
+            nonfinite=nonfinite,
         )
         if not quiet or dry_run:
             click.echo("\n".join(plan.describe()))
@@ -464,6 +474,7 @@ def _average(
         if dry_run:
             click.echo("dry run: nothing written")
             return
+        warnings, shown = plan.warnings, len(plan.warnings)
         if bn is None:
             path = run_plan(plan, device=device, progress=progress)
         else:
@@ -473,6 +484,8 @@ def _average(
             path = plan.output
             if not quiet:
                 _report_pass(plan)
+        for warning in warnings[shown:]:  # found while averaging (non-finite values)
+            click.echo(f"warning: {warning}", err=True)
     if not quiet:
         from .units import format_bytes
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from . import dtypes
-from .errors import CkptavgError
+from .errors import CkptavgError, NonFiniteError
 from .plan import BUFFERS_IN_FLIGHT, CHUNK_ELEMENTS, Plan, TensorPlan
 
 Release = Callable[[], None] | None
@@ -91,6 +91,8 @@ class Engine:
         for start in range(0, source.numel(), self._chunk):
             piece = source[start : start + self._chunk]
             self._on_read(piece.numel() * piece.element_size())
+            if piece.is_floating_point() and not torch.isfinite(piece).all():
+                self._nonfinite(tensor, len(self.plan.checkpoints) - 1)
             offset = start * out_dtype.itemsize
             if piece.dtype == out_dtype:
                 yield offset, piece, None
@@ -99,8 +101,8 @@ class Engine:
 
     def _average(self, tensor: TensorPlan) -> Iterator[Chunk]:
         sources = [
-            (ck.get(tensor.name).reshape(-1), weight)
-            for ck, weight in zip(self.plan.checkpoints, self.plan.weights, strict=True)
+            (index, ck.get(tensor.name).reshape(-1), weight)
+            for index, (ck, weight) in enumerate(zip(self.plan.checkpoints, self.plan.weights, strict=True))
             if weight != 0.0
         ]
         out_dtype = dtypes.torch_dtype(tensor.dtype)
@@ -110,7 +112,7 @@ class Engine:
             buffer = self._accumulators.acquire()
             acc = buffer[:count]
             scratch = self._scratch.acquire()
-            for i, (source, weight) in enumerate(sources):
+            for i, (_, source, weight) in enumerate(sources):
                 piece = self._to_accum(source[start : start + count], scratch)
                 if i == 0:
                     torch.mul(piece, weight, out=acc)
@@ -118,6 +120,14 @@ class Engine:
                     acc.add_(piece, alpha=weight)
                 self._on_read(count * source.element_size())
             self._scratch.release(scratch)
+            # A NaN or Inf in any input reaches the sum: checking the sum rides along for free.
+            if not torch.isfinite(acc).all():
+                bad = [
+                    index
+                    for index, source, _ in sources
+                    if not torch.isfinite(source[start : start + count]).all()
+                ]
+                self._nonfinite(tensor, bad[0] if bad else None)
             offset = start * out_dtype.itemsize
             if out_dtype == acc.dtype and acc.device.type == "cpu":
                 yield offset, acc, lambda buffer=buffer: self._accumulators.release(buffer)
@@ -125,6 +135,27 @@ class Engine:
                 out = self._cast_out(acc, out_dtype)
                 self._accumulators.release(buffer)
                 yield offset, *out
+
+    def _nonfinite(self, tensor: TensorPlan, index: int | None) -> None:
+        """Apply the plan's policy to a NaN or Inf in checkpoint `index`'s `tensor`."""
+        if index is None:
+            raise CkptavgError(
+                f"tensor '{tensor.name}': its average overflows {self.plan.accum_dtype}; "
+                "try --accum-dtype float64"
+            )
+        checkpoint = self.plan.checkpoints[index]
+        reason = f"tensor '{tensor.name}' holds NaN or Inf values"
+        if self.plan.nonfinite == "warn":
+            warning = f"{checkpoint.label}: {reason}; they reach the output (--nonfinite warn)"
+            if warning not in self.plan.warnings:
+                self.plan.warnings.append(warning)
+            return
+        raise NonFiniteError(
+            f"{checkpoint.label}: {reason}; leave that checkpoint out, or pass --nonfinite skip-checkpoint "
+            "(or warn)",
+            index,
+            reason,
+        )
 
     def _to_accum(self, piece: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
         """The piece in the accumulator's dtype and device, through the scratch buffer if it must change."""

@@ -20,3 +20,12 @@ class OutputError(CkptavgError):
 
 class ScheduleError(CkptavgError):
     """A weight schedule got parameters it cannot work with."""
+
+
+class NonFiniteError(InputError):
+    """An input tensor holds NaN or Inf; `index` is its checkpoint's position in the plan."""
+
+    def __init__(self, message: str, index: int, reason: str):
+        super().__init__(message)
+        self.index = index
+        self.reason = reason

@@ -38,6 +38,7 @@ CHUNK_ELEMENTS = 2**20  # 4 MB of fp32: the accumulator and its scratch stay in 
 # Buffers of each kind that may be in flight between the engine and the writer thread.
 BUFFERS_IN_FLIGHT = 3
 DEFAULT_FOLDER_SHARD_SIZE = "50GB"
+NONFINITE_POLICIES = ("error", "warn", "skip-checkpoint")
 _SHOWN_NAMES = 5
 
 
@@ -95,6 +96,8 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     provenance: dict[str, str] | None = None
     shard_size: int | None = None
+    nonfinite: str = "error"
+    dropped: list[dict] = field(default_factory=list)
 
     @property
     def last(self) -> Checkpoint:
@@ -151,7 +154,18 @@ class Plan:
                     for ck, w in zip(self.checkpoints, self.weights, strict=True)
                 ]
             ),
+            **({"ckptavg.dropped": json.dumps(self.dropped)} if self.dropped else {}),
         }
+
+    def drop(self, index: int, reason: str) -> None:
+        """Leave checkpoint `index` out (it holds NaN or Inf) and reweigh the others with the schedule."""
+        checkpoint = self.checkpoints.pop(index)
+        self.weights = self.schedule.weights(len(self.checkpoints))
+        self.dropped.append({"path": checkpoint.origin, "reason": reason})
+        self.warnings.append(
+            f"dropped {checkpoint.label}: {reason}; averaged the other "
+            f"{_plural(len(self.checkpoints), 'checkpoint')} with the weights the schedule gives them"
+        )
 
     def index(self) -> dict | None:
         """The Hugging Face shard index, when the output has more than one file."""
@@ -227,6 +241,7 @@ def build_plan(
     max_shard_size: int | str | None = None,
     force: bool = False,
     wrap_key: str | None = None,
+    nonfinite: str = "error",
 ) -> Plan:
     """Validate the inputs and decide everything a run will do, reading headers only.
 
@@ -241,6 +256,8 @@ def build_plan(
         max_shard_size: largest output file, e.g. `"5GB"`; implies a folder output.
         force: replace an existing output.
         wrap_key: for a torch output, save `{wrap_key: state_dict}` instead of the state dict.
+        nonfinite: what a NaN or Inf in an input does: `error`, `warn`, or `skip-checkpoint`
+            (drop that checkpoint and average the others, with the schedule's weights for them).
 
     Raises:
         MismatchError: the checkpoints do not hold the same tensors with the same shapes.
@@ -248,6 +265,8 @@ def build_plan(
         ScheduleError: the schedule does not fit the number of checkpoints.
     """
     checkpoints = list(checkpoints)
+    if nonfinite not in NONFINITE_POLICIES:
+        raise OutputError(f"--nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {nonfinite}")
     weights = schedule.weights(len(checkpoints))
     _check_same_model(checkpoints)
     out_dtype = _dtype_name(dtype, "--dtype") if dtype else None
@@ -265,7 +284,7 @@ def build_plan(
     ]
     order = {entry.name: i for i, entry in enumerate(layout_order(t.entry for t in tensors))}
     tensors.sort(key=lambda t: order[t.name])
-    plan = Plan(list(checkpoints), schedule, weights, tensors, accum, force=force)
+    plan = Plan(list(checkpoints), schedule, weights, tensors, accum, force=force, nonfinite=nonfinite)
     plan.warnings.extend(schedule.warnings(len(checkpoints)))
     plan.warnings.extend(_duplicate_warnings(checkpoints))
     if len(checkpoints) == 1:
