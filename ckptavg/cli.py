@@ -333,7 +333,9 @@ def main():
     paths hf://ORG/REPO[@REVISION][/PATH] (revisions and paths may be globs). They are
     averaged in natural order (step_2 before step_10), one tensor at a time, so
     memory stays flat whatever the model size. The output is written atomically:
-    a failed or interrupted run leaves nothing behind.
+    a failed or interrupted run leaves nothing behind. Torch files are loaded with
+    weights_only=True: nothing in a checkpoint ever runs. The only code ckptavg
+    imports on your behalf is what --model and --data name (bn-update, --bn-data).
 
     \b
     ckptavg swa 'ckpts/*.safetensors' -o swa.safetensors
