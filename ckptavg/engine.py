@@ -11,6 +11,7 @@ can write one while the next is computed. The engine never writes into a source.
 
 from __future__ import annotations
 
+import math
 import queue
 from collections.abc import Callable, Iterator
 
@@ -91,7 +92,11 @@ class Engine:
         for start in range(0, source.numel(), self._chunk):
             piece = source[start : start + self._chunk]
             self._on_read(piece.numel() * piece.element_size())
-            if piece.is_floating_point() and not torch.isfinite(piece).all():
+            if (
+                piece.is_floating_point()
+                and not math.isfinite(piece.sum(dtype=torch.float64).item())
+                and not torch.isfinite(piece).all()
+            ):
                 self._nonfinite(tensor, len(self.plan.checkpoints) - 1)
             offset = start * out_dtype.itemsize
             if piece.dtype == out_dtype:
@@ -120,8 +125,9 @@ class Engine:
                     acc.add_(piece, alpha=weight)
                 self._on_read(count * source.element_size())
             self._scratch.release(scratch)
-            # A NaN or Inf in any input reaches the sum: checking the sum rides along for free.
-            if not torch.isfinite(acc).all():
+            # A NaN or Inf in any input reaches the sum, and then the sum of the sum: one cheap
+            # reduction per chunk (the exact check runs only when it is not finite).
+            if not math.isfinite(acc.sum().item()) and not torch.isfinite(acc).all():
                 bad = [
                     index
                     for index, source, _ in sources
