@@ -1,4 +1,4 @@
-# make demo: set up and run ckptavg on generated checkpoints.  make test: set up and run the tests.
+# make demo: set up, train a small model, average its checkpoints.  make test: set up and run the tests.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/train_and_average.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -7,6 +7,8 @@ way; nothing else a user gives (checkpoints included) is ever imported or run.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 
 from .errors import CkptavgError
@@ -32,7 +34,7 @@ def resolve_callable(spec: str, option: str) -> Callable:
         )
     module_name = _SHORTHANDS.get(module_name, module_name)
     try:
-        target = importlib.import_module(module_name)
+        target = _import_here(module_name)
     except ImportError as e:
         raise ImportSpecError(f"{option} {spec}: cannot import {module_name} ({e}); is it installed?") from e
     for part in attribute.split("."):
@@ -42,6 +44,17 @@ def resolve_callable(spec: str, option: str) -> Callable:
     if not callable(target):
         raise ImportSpecError(f"{option} {spec}: '{attribute}' is not callable")
     return target
+
+
+def _import_here(module_name: str):
+    """Import a module, also from the current folder (as `python -m` would)."""
+    if os.getcwd() in sys.path or "" in sys.path:
+        return importlib.import_module(module_name)
+    sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        sys.path.remove(os.getcwd())
 
 
 def build_model(spec: str, kwargs: dict):

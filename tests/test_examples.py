@@ -1,0 +1,24 @@
+"""The demo runs end to end (in its quick mode) and writes what the README shows."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_train_and_average_quick(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    done = subprocess.run([sys.executable, EXAMPLES / "train_and_average.py", "--quick", "--output", tmp_path],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    table = (tmp_path / "results.md").read_text()
+    for method in ("last checkpoint", "EMA", "SWA (constant-rate phase)", "SWA + bn-update"):
+        assert method in table
+    assert (tmp_path / "accuracy.png").stat().st_size > 10_000
+    for name in ("ema.safetensors", "swa.safetensors", "swa_bn.safetensors"):
+        assert (tmp_path / "seed_0" / name).exists()
+    assert "ckptavg.bn:" in done.stdout and "ckptavg.method: swa" in done.stdout
