@@ -196,7 +196,7 @@ def open_headers(
 
 
 def _open_file(path: Path, key: str | None):
-    if path.suffix in TORCH_SUFFIXES:
+    if path.name.endswith(TORCH_SUFFIXES):
         return _TorchFile(path, key)
     if path.suffix == SAFETENSORS_SUFFIX:
         return _SafetensorsFile(path)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .errors import InputError
 
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pth.tar")  # .pth.tar: timm's train.py
 # Where training loops keep the weights, in the order they are looked for.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "params")
 

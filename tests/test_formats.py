@@ -58,9 +58,8 @@ class TestTorchInputs:
                 "optimizer": {"state": {0: {"momentum_buffer": torch.randn(10, 4)}}},
                 "metric": 0.5,
             }
-            torch.save(content, tmp_path / f"checkpoint-{i}.pth.tar")
-            (tmp_path / f"checkpoint-{i}.pth.tar").rename(tmp_path / f"checkpoint-{i}.pth")
-            paths.append(tmp_path / f"checkpoint-{i}.pth")
+            torch.save(content, tmp_path / f"checkpoint-{i}.pth.tar")  # as timm's train.py names them
+            paths.append(tmp_path / f"checkpoint-{i}.pth.tar")
         assert_same_tensors(average_of(paths, tmp_path, "a.safetensors"), reference)
         ema_reference = average_of(save_series(tmp_path / "ema_st", ema_states), tmp_path, "b.safetensors")
         assert_same_tensors(average_of(paths, tmp_path, "c.safetensors", key="state_dict_ema"), ema_reference)
