@@ -104,7 +104,7 @@ def summarize(per_seed: list[dict]) -> list[str]:
         spread = statistics.stdev(values) * scale if len(values) > 1 else 0.0
         return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
-    lines = [f"| model | test accuracy (%) | test loss |", "| --- | --- | --- |"]
+    lines = ["| model | test accuracy (%) | test loss |", "| --- | --- | --- |"]
     for method in METHODS:
         accuracies = [r[method][0] for r in per_seed]
         losses = [r[method][1] for r in per_seed]
