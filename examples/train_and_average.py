@@ -88,11 +88,28 @@ def run_seed(seed: int, epochs: int, swa_start: int, output: Path) -> tuple[dict
 
     ckptavg.average(checkpoints, ckptavg.ema(0.8), out=folder / "ema.safetensors", force=True)
     ckptavg_cli("swa", *map(str, checkpoints[swa_start:]), "-o", str(folder / "swa.safetensors"), "--force")
-    ckptavg_cli("bn-update", str(folder / "swa.safetensors"), "--model", "digits:SmallCNN",
-                "--data", str(folder / "train_inputs.safetensors"), "--batch-size", "64", "--device", "cpu",
-                "-o", str(folder / "swa_bn.safetensors"), "--force")
+    ckptavg_cli(
+        "bn-update",
+        str(folder / "swa.safetensors"),
+        "--model",
+        "digits:SmallCNN",
+        "--data",
+        str(folder / "train_inputs.safetensors"),
+        "--batch-size",
+        "64",
+        "--device",
+        "cpu",
+        "-o",
+        str(folder / "swa_bn.safetensors"),
+        "--force",
+    )
 
-    outputs = [checkpoints[-1], folder / "ema.safetensors", folder / "swa.safetensors", folder / "swa_bn.safetensors"]
+    outputs = [
+        checkpoints[-1],
+        folder / "ema.safetensors",
+        folder / "swa.safetensors",
+        folder / "swa_bn.safetensors",
+    ]
     results = {method: score(path, x_test, y_test) for method, path in zip(METHODS, outputs, strict=True)}
     curve = [score(path, x_test, y_test)[0] for path in checkpoints]
     return results, curve
@@ -121,11 +138,15 @@ def plot(curves: list[list[float]], per_seed: list[dict], swa_start: int, path: 
     epochs = range(1, len(curves[0]) + 1)
     figure, axes = plt.subplots(figsize=(7, 4))
     for i, curve in enumerate(curves):
-        axes.plot(epochs, [100 * a for a in curve], color="0.6", lw=1, label="each checkpoint" if i == 0 else None)
+        axes.plot(
+            epochs, [100 * a for a in curve], color="0.6", lw=1, label="each checkpoint" if i == 0 else None
+        )
     for method, color in zip(METHODS[1:], ("tab:blue", "tab:orange", "tab:green"), strict=True):
         mean = 100 * statistics.mean(r[method][0] for r in per_seed)
         axes.axhline(mean, color=color, ls="--", label=f"{method}: {mean:.2f}%")
-    axes.axvspan(swa_start + 0.5, len(curves[0]) + 0.5, color="tab:orange", alpha=0.08, label="averaged by SWA")
+    axes.axvspan(
+        swa_start + 0.5, len(curves[0]) + 0.5, color="tab:orange", alpha=0.08, label="averaged by SWA"
+    )
     axes.set_xlabel("epoch (one checkpoint each)")
     axes.set_ylabel("test accuracy (%)")
     low = min(min(c[swa_start // 2 :]) for c in curves) * 100
@@ -137,7 +158,9 @@ def plot(curves: list[list[float]], per_seed: list[dict], swa_start: int, path: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--swa-start", type=int, default=25, help="epochs before the constant-rate phase")
@@ -159,8 +182,17 @@ def main() -> None:
     plot(curves, per_seed, args.swa_start, args.output / "accuracy.png")
     print(f"\nwrote {args.output / 'results.md'} and {args.output / 'accuracy.png'}")
     print(f"\n$ ckptavg inspect {args.output / 'seed_0' / 'swa_bn.safetensors'} --no-tensors", flush=True)
-    subprocess.run([sys.executable, "-m", "ckptavg", "inspect", str(args.output / "seed_0" / "swa_bn.safetensors"),
-                    "--no-tensors"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ckptavg",
+            "inspect",
+            str(args.output / "seed_0" / "swa_bn.safetensors"),
+            "--no-tensors",
+        ],
+        check=True,
+    )
 
 
 if __name__ == "__main__":

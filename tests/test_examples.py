@@ -12,8 +12,12 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def test_train_and_average_quick(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
-    done = subprocess.run([sys.executable, EXAMPLES / "train_and_average.py", "--quick", "--output", tmp_path],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, EXAMPLES / "train_and_average.py", "--quick", "--output", tmp_path],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     table = (tmp_path / "results.md").read_text()
     for method in ("last checkpoint", "EMA", "SWA (constant-rate phase)", "SWA + bn-update"):
