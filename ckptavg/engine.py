@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import queue
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -63,87 +63,97 @@ class _BufferPool:
 
 
 class Engine:
-    """Computes the plan's output tensors one chunk at a time, reusing its buffers."""
+    """Computes the output tensors of one or more plans chunk by chunk, reusing its buffers.
 
-    def __init__(self, plan: Plan, device: torch.device, on_read: Callable[[int], None] | None = None):
-        self.plan = plan
+    Plans given together differ only in their weights (several `--sigma-rel`
+    values, say): each input chunk is read and cast once and added into one
+    accumulator per plan, so K outputs cost one pass over the inputs.
+    """
+
+    def __init__(
+        self, plans: Plan | Sequence[Plan], device: torch.device, on_read: Callable[[int], None] | None = None
+    ):
+        self.plans = [plans] if isinstance(plans, Plan) else list(plans)
+        self.plan = self.plans[0]  # checkpoints, tensors and policies are the same in every plan
         self.device = device
         self._on_read = on_read or (lambda nbytes: None)
-        self._chunk = max(1, min(CHUNK_ELEMENTS, max((t.numel for t in plan.tensors), default=1)))
-        accum = dtypes.torch_dtype(plan.accum_dtype)
-        self._accumulators = _BufferPool(self._chunk, accum, device, BUFFERS_IN_FLIGHT)
+        self._chunk = max(1, min(CHUNK_ELEMENTS, max((t.numel for t in self.plan.tensors), default=1)))
+        accum = dtypes.torch_dtype(self.plan.accum_dtype)
+        self._accumulators = _BufferPool(self._chunk, accum, device, BUFFERS_IN_FLIGHT * len(self.plans))
         self._scratch = _BufferPool(self._chunk, accum, device, 1)
         self._outputs: dict[torch.dtype, _BufferPool] = {}
 
-    def chunks(self, tensor: TensorPlan) -> Iterator[Chunk]:
-        """The output tensor's values in order, as contiguous CPU tensors.
+    def chunks(self, tensor: TensorPlan) -> Iterator[list[Chunk]]:
+        """The output tensor's values in order, one chunk per plan at a time, as contiguous CPU tensors.
 
-        Each comes with its byte offset in the tensor and a `release` callback
-        (or None): call it once the bytes are written, to hand the buffer back.
+        Each chunk comes with its byte offset in the tensor and a `release`
+        callback (or None): call it once the bytes are written, to hand the
+        buffer back.
         """
         if tensor.averaged:
             yield from self._average(tensor)
         else:
             yield from self._copy(tensor)
 
-    def _copy(self, tensor: TensorPlan) -> Iterator[Chunk]:
+    def _copy(self, tensor: TensorPlan) -> Iterator[list[Chunk]]:
         source = self.plan.last.get(tensor.name).reshape(-1)
         out_dtype = dtypes.torch_dtype(tensor.dtype)
         for start in range(0, source.numel(), self._chunk):
             piece = source[start : start + self._chunk]
             self._on_read(piece.numel() * piece.element_size())
-            if (
-                piece.is_floating_point()
-                and not math.isfinite(piece.sum(dtype=torch.float64).item())
-                and not torch.isfinite(piece).all()
-            ):
+            if piece.is_floating_point() and not _finite(piece):
                 self._nonfinite(tensor, len(self.plan.checkpoints) - 1)
             offset = start * out_dtype.itemsize
             if piece.dtype == out_dtype:
-                yield offset, piece, None
+                yield [(offset, piece, None)] * len(self.plans)
             else:
-                yield offset, *self._cast_out(piece, out_dtype)
+                yield [(offset, *self._cast_out(piece, out_dtype)) for _ in self.plans]
 
-    def _average(self, tensor: TensorPlan) -> Iterator[Chunk]:
+    def _average(self, tensor: TensorPlan) -> Iterator[list[Chunk]]:
+        weight_sets = [plan.weights for plan in self.plans]
         sources = [
-            (index, ck.get(tensor.name).reshape(-1), weight)
-            for index, (ck, weight) in enumerate(zip(self.plan.checkpoints, self.plan.weights, strict=True))
-            if weight != 0.0
+            (index, ck.get(tensor.name).reshape(-1), [weights[index] for weights in weight_sets])
+            for index, ck in enumerate(self.plan.checkpoints)
+            if any(weights[index] != 0.0 for weights in weight_sets)
         ]
         out_dtype = dtypes.torch_dtype(tensor.dtype)
         numel = tensor.numel
         for start in range(0, numel, self._chunk):
             count = min(self._chunk, numel - start)
-            buffer = self._accumulators.acquire()
-            acc = buffer[:count]
+            buffers = [self._accumulators.acquire() for _ in self.plans]
+            accumulators = [buffer[:count] for buffer in buffers]
+            started = [False] * len(self.plans)
             scratch = self._scratch.acquire()
-            for i, (_, source, weight) in enumerate(sources):
+            for _, source, weights in sources:
                 piece = self._to_accum(source[start : start + count], scratch)
-                if i == 0:
-                    torch.mul(piece, weight, out=acc)
-                else:
-                    acc.add_(piece, alpha=weight)
+                for k, (acc, weight) in enumerate(zip(accumulators, weights, strict=True)):
+                    if weight == 0.0:
+                        continue
+                    if started[k]:
+                        acc.add_(piece, alpha=weight)
+                    else:
+                        torch.mul(piece, weight, out=acc)
+                        started[k] = True
                 self._on_read(count * source.element_size())
             self._scratch.release(scratch)
-            # A NaN or Inf in any input reaches the sum, and then the sum of the sum: one cheap
-            # reduction per chunk (the exact check runs only when it is not finite).
-            if not math.isfinite(acc.sum().item()) and not torch.isfinite(acc).all():
-                bad = [
-                    index
-                    for index, source, _ in sources
-                    if not torch.isfinite(source[start : start + count]).all()
-                ]
-                self._nonfinite(tensor, bad[0] if bad else None)
-            offset = start * out_dtype.itemsize
-            if out_dtype == acc.dtype and acc.device.type == "cpu":
-                yield offset, acc, lambda buffer=buffer: self._accumulators.release(buffer)
-            else:
-                out = self._cast_out(acc, out_dtype)
-                self._accumulators.release(buffer)
-                yield offset, *out
+            chunks = []
+            for acc, buffer in zip(accumulators, buffers, strict=True):
+                # A NaN or Inf in any input reaches the sum: one cheap check per chunk, riding along.
+                if not _finite(acc):
+                    bad = [
+                        index for index, source, _ in sources if not _finite(source[start : start + count])
+                    ]
+                    self._nonfinite(tensor, bad[0] if bad else None)
+                offset = start * out_dtype.itemsize
+                if out_dtype == acc.dtype and acc.device.type == "cpu":
+                    chunks.append((offset, acc, lambda buffer=buffer: self._accumulators.release(buffer)))
+                else:
+                    chunks.append((offset, *self._cast_out(acc, out_dtype)))
+                    self._accumulators.release(buffer)
+            yield chunks
 
     def _nonfinite(self, tensor: TensorPlan, index: int | None) -> None:
-        """Apply the plan's policy to a NaN or Inf in checkpoint `index`'s `tensor`."""
+        """Apply the plans' policy to a NaN or Inf in checkpoint `index`'s `tensor`."""
         if index is None:
             raise CkptavgError(
                 f"tensor '{tensor.name}': its average overflows {self.plan.accum_dtype}; "
@@ -153,8 +163,9 @@ class Engine:
         reason = f"tensor '{tensor.name}' holds NaN or Inf values"
         if self.plan.nonfinite == "warn":
             warning = f"{checkpoint.label}: {reason}; they reach the output (--nonfinite warn)"
-            if warning not in self.plan.warnings:
-                self.plan.warnings.append(warning)
+            for plan in self.plans:
+                if warning not in plan.warnings:
+                    plan.warnings.append(warning)
             return
         raise NonFiniteError(
             f"{checkpoint.label}: {reason}; leave that checkpoint out, or pass --nonfinite skip-checkpoint "
@@ -174,7 +185,13 @@ class Engine:
         pool = self._outputs.get(dtype)
         if pool is None:
             pool = self._outputs[dtype] = _BufferPool(
-                self._chunk, dtype, torch.device("cpu"), BUFFERS_IN_FLIGHT
+                self._chunk, dtype, torch.device("cpu"), BUFFERS_IN_FLIGHT * len(self.plans)
             )
         buffer = pool.acquire()
         return buffer[: values.numel()].copy_(values), lambda: pool.release(buffer)
+
+
+def _finite(values: torch.Tensor) -> bool:
+    """No NaN or Inf. A NaN or Inf reaches the sum, so one reduction decides; the exact test
+    runs only when the sum is not finite (it may also overflow)."""
+    return math.isfinite(values.sum().item()) or bool(torch.isfinite(values).all())

@@ -19,8 +19,10 @@ from pathlib import Path
 from . import __version__, dtypes
 from .errors import MismatchError, OutputError
 from .readers import Checkpoint
-from .schedules import Schedule
+from .schedules import Schedule, effective_count, implied_sigma_rel
+from .selection import Selection, select
 from .sources import model_folder_files
+from .steps import resolve_steps
 from .units import format_bytes, parse_size
 from .writer import (
     INDEX_NAME,
@@ -98,6 +100,9 @@ class Plan:
     shard_size: int | None = None
     nonfinite: str = "error"
     dropped: list[dict] = field(default_factory=list)
+    steps: list[int | None] = field(default_factory=list)
+    step_sources: list[str] = field(default_factory=list)
+    selected: list[str] = field(default_factory=list)
 
     @property
     def last(self) -> Checkpoint:
@@ -150,17 +155,37 @@ class Plan:
             "ckptavg.accum_dtype": _user_dtype(self.accum_dtype),
             "ckptavg.inputs": json.dumps(
                 [
-                    {"path": ck.origin, "weight": w}
-                    for ck, w in zip(self.checkpoints, self.weights, strict=True)
+                    {"path": ck.origin, "weight": w, **({"step": step} if step is not None else {})}
+                    for ck, w, step in zip(
+                        self.checkpoints, self.weights, self.steps or [None] * len(self.weights), strict=True
+                    )
                 ]
             ),
             **({"ckptavg.dropped": json.dumps(self.dropped)} if self.dropped else {}),
         }
 
+    def _describe_steps(self) -> str:
+        known = [source for source in self.step_sources if source != "unknown"]
+        if not known:
+            return "steps:      unknown (name files like step_1000, or give --steps) — the column shows ?"
+        kinds = sorted({source.split(" ")[0] for source in known})
+        unknown = len(self.step_sources) - len(known)
+        return f"steps:      from the checkpoints' {' and '.join(kinds)}" + (
+            f"; {unknown} unknown" if unknown else ""
+        )
+
+    def _implied_sigma_rel(self) -> str:
+        if not self.steps or any(s is None for s in self.steps) or max(self.steps) <= 0:
+            return ""
+        return f"; implied sigma_rel {implied_sigma_rel(self.weights, self.steps):.3f}"
+
     def drop(self, index: int, reason: str) -> None:
         """Leave checkpoint `index` out (it holds NaN or Inf) and reweigh the others with the schedule."""
         checkpoint = self.checkpoints.pop(index)
-        self.weights = self.schedule.weights(len(self.checkpoints))
+        if self.steps:
+            self.steps.pop(index)
+            self.step_sources.pop(index)
+        self.weights = self.schedule.weights(len(self.checkpoints), self.steps or None)
         self.dropped.append({"path": checkpoint.origin, "reason": reason})
         self.warnings.append(
             f"dropped {checkpoint.label}: {reason}; averaged the other "
@@ -184,10 +209,18 @@ class Plan:
             f"{_plural(len(self.checkpoints), 'checkpoint')}, oldest first:"
         ]
         heaviest = max(self.weights)
-        for i, (ck, w) in enumerate(zip(self.checkpoints, self.weights, strict=True), 1):
+        steps = self.steps or [None] * len(self.checkpoints)
+        for i, (ck, w, step) in enumerate(zip(self.checkpoints, self.weights, steps, strict=True), 1):
             bar = "█" * max(1 if w > 0 else 0, round(20 * w / heaviest)) if heaviest > 0 else ""
             notes = f"  ({'; '.join(ck.notes)})" if ck.notes else ""
-            lines.append(f"  {i:>3}  {w:8.4f}  {bar:<20}  {ck.label}{notes}")
+            at = f"{step:>9}" if step is not None else f"{'?':>9}"
+            lines.append(f"  {i:>3}  {w:8.4f}  {bar:<20} {at}  {ck.label}{notes}")
+        lines.extend(f"selected:   {note}" for note in self.selected)
+        lines.append(self._describe_steps())
+        lines.append(
+            f"effective:  {effective_count(self.weights):.2f} checkpoints (1 / sum of squared weights)"
+            + self._implied_sigma_rel()
+        )
         averaged = [t for t in self.tensors if t.averaged]
         copied = len(self.tensors) - len(averaged)
         numel = sum(ck_info.numel for ck_info in self.checkpoints[0].tensors.values())
@@ -242,6 +275,8 @@ def build_plan(
     force: bool = False,
     wrap_key: str | None = None,
     nonfinite: str = "error",
+    steps: Sequence[int] | None = None,
+    selection: Selection | None = None,
 ) -> Plan:
     """Validate the inputs and decide everything a run will do, reading headers only.
 
@@ -267,7 +302,17 @@ def build_plan(
     checkpoints = list(checkpoints)
     if nonfinite not in NONFINITE_POLICIES:
         raise OutputError(f"--nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {nonfinite}")
-    weights = schedule.weights(len(checkpoints))
+    found, sources = resolve_steps(
+        [ck.label for ck in checkpoints], [ck.scalars for ck in checkpoints], steps
+    )
+    selected = []
+    if selection is not None and selection.active:
+        kept, selected = select(
+            [ck.label for ck in checkpoints], found, [ck.scalars for ck in checkpoints], selection
+        )
+        checkpoints = [checkpoints[i] for i in kept]
+        found, sources = [found[i] for i in kept], [sources[i] for i in kept]
+    weights = schedule.weights(len(checkpoints), found)
     _check_same_model(checkpoints)
     out_dtype = _dtype_name(dtype, "--dtype") if dtype else None
     accum = _dtype_name(accum_dtype, "--accum-dtype")
@@ -284,7 +329,18 @@ def build_plan(
     ]
     order = {entry.name: i for i, entry in enumerate(layout_order(t.entry for t in tensors))}
     tensors.sort(key=lambda t: order[t.name])
-    plan = Plan(list(checkpoints), schedule, weights, tensors, accum, force=force, nonfinite=nonfinite)
+    plan = Plan(
+        list(checkpoints),
+        schedule,
+        weights,
+        tensors,
+        accum,
+        force=force,
+        nonfinite=nonfinite,
+        steps=found,
+        step_sources=sources,
+        selected=selected,
+    )
     plan.warnings.extend(schedule.warnings(len(checkpoints)))
     plan.warnings.extend(_duplicate_warnings(checkpoints))
     if len(checkpoints) == 1:

@@ -26,7 +26,7 @@ from pathlib import Path
 from . import dtypes
 from .dtypes import TensorInfo
 from .errors import InputError
-from .torch_format import TORCH_SUFFIXES, find_state_dict, load_torch_file, tied_groups
+from .torch_format import TORCH_SUFFIXES, find_state_dict, load_torch_file, scalar_entries, tied_groups
 from .writer import METADATA_KEY
 
 INDEX_SUFFIX = ".index.json"
@@ -45,6 +45,8 @@ class Checkpoint:
         notes: how the checkpoint was read (key, stripped prefixes, skipped
             entries, tied tensors), for the plan.
         tied: groups of names that share memory in the file.
+        scalars: numbers stored with the weights (a torch dict's epoch or metrics, numeric
+            safetensors metadata), for steps and selection by metric.
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class Checkpoint:
                 )
         self.tied = [[_strip(n, strip_prefix) for n in group] for group in self.tied]
         self.notes = [note for shard in self._shards[:1] for note in shard.notes]
+        self.scalars: dict[str, float] = dict(getattr(self._shards[0], "scalars", {})) if self._shards else {}
         stripped = [p for p in strip_prefix if any(s.startswith(p) for s in stored_of.values())]
         if stripped:
             self.notes.append("stripped " + ", ".join(f"'{p}'" for p in stripped))
@@ -230,6 +233,7 @@ class _SafetensorsFile:
                 raise InputError(f"{path}: tensor '{name}' has dtype {dtype}, which ckptavg cannot average")
             self.tensors[name] = TensorInfo(dtype, tuple(view.get_shape()))
         self.metadata = dict(handle.metadata() or {})
+        self.scalars = _numbers(self.metadata)
         self._bytes = None
         self._offsets: dict[str, tuple[int, int]] = {}
 
@@ -274,6 +278,7 @@ class _HeaderOnlyFile:
 
     def __init__(self, path: Path, tensors: dict[str, TensorInfo], metadata: dict[str, str]):
         self.path, self.tensors, self.metadata = path, tensors, metadata
+        self.scalars = _numbers(metadata)
 
     def get(self, name: str, info: TensorInfo):
         raise InputError(f"{self.path}: tensor '{name}' was not downloaded (the checkpoint was only planned)")
@@ -287,7 +292,9 @@ class _TorchFile:
     def __init__(self, path: Path, key: str | None):
         self.path = path
         self.stamp = _stamp(path)
-        tensors, used_key, skipped = find_state_dict(load_torch_file(path), path, key)
+        content = load_torch_file(path)
+        self.scalars = scalar_entries(content)
+        tensors, used_key, skipped = find_state_dict(content, path, key)
         self.tensors = {}
         for name, tensor in tensors.items():
             try:
@@ -305,6 +312,17 @@ class _TorchFile:
 
     def get(self, name: str, info: TensorInfo):
         return self._values[name]
+
+
+def _numbers(metadata: dict[str, str]) -> dict[str, float]:
+    """Metadata values that are numbers (a step or a metric saved with the weights)."""
+    numbers = {}
+    for key, value in metadata.items():
+        try:
+            numbers[key] = float(value)
+        except ValueError:
+            continue
+    return numbers
 
 
 def _stamp(file) -> tuple[int, int] | None:

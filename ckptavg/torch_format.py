@@ -145,6 +145,21 @@ def find_state_dict(content: object, path: Path, key: str | None = None) -> tupl
     return tensors, key, len(chosen) - len(tensors)
 
 
+def scalar_entries(content: object) -> dict[str, float]:
+    """The numbers stored at the top of a checkpoint next to the weights (epoch, step, metrics)."""
+    import torch
+
+    if not isinstance(content, Mapping):
+        return {}
+    scalars = {}
+    for key, value in content.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            scalars[str(key)] = float(value)
+    return scalars
+
+
 def tied_groups(tensors: Mapping[str, object]) -> list[list[str]]:
     """Names that share the same memory (tied weights such as an embedding and an LM head).
 
