@@ -9,22 +9,28 @@ Heavy modules (torch) load on first use, so `ckptavg --help` starts fast.
 __version__ = "0.1.0"
 
 from .errors import CkptavgError, InputError, MismatchError, OutputError, ScheduleError
-from .schedules import ema, swa, weighted
+from .schedules import ema, power_ema, swa, weighted
+from .selection import Selection
 
 __all__ = [
+    "BatchNormPass",
     "CkptavgError",
+    "DataOptions",
     "HubOptions",
     "InputError",
     "MismatchError",
     "OutputError",
     "ScheduleError",
+    "Selection",
     "__version__",
     "average",
     "build_plan",
     "ema",
     "open_checkpoint",
     "open_checkpoints",
+    "power_ema",
     "run_plan",
+    "run_plans",
     "swa",
     "weighted",
 ]
@@ -33,7 +39,10 @@ _LAZY = {
     "average": "api",
     "open_checkpoints": "api",
     "run_plan": "api",
+    "run_plans": "api",
     "build_plan": "plan",
+    "BatchNormPass": "bn",
+    "DataOptions": "data",
     "HubOptions": "hub",
     "open_checkpoint": "readers",
 }

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 from .plan import Plan, build_plan
 from .readers import Checkpoint, open_checkpoint, open_headers
 from .schedules import Schedule
+from .selection import Selection
 from .sources import Source, resolve_sources
 from .torch_format import save_torch_file
 from .writer import INDEX_NAME, OutputTransaction, ensure_free_space
@@ -86,6 +87,8 @@ def average(
     force: bool = False,
     wrap_key: str | None = None,
     nonfinite: str = "error",
+    steps: Sequence[int] | None = None,
+    selection: Selection | None = None,
     bn: BatchNormPass | None = None,
     progress: bool = False,
 ) -> Plan:
@@ -109,6 +112,9 @@ def average(
         force: replace an existing output.
         wrap_key: for a torch output, save `{wrap_key: state_dict}`.
         nonfinite: a NaN or Inf in an input: `error`, `warn`, or `skip-checkpoint`.
+        steps: each checkpoint's training step, for step-aware schedules; default: stored
+            with the checkpoint, else read from its name (`step_1000`, `checkpoint-1000`).
+        selection: which checkpoints to keep, e.g. `Selection(last=5)`.
         bn: recompute the BatchNorm statistics of the average over data before the
             final write (`ckptavg.BatchNormPass(model=..., data=ckptavg.DataOptions(...))`).
         progress: show progress bars.
@@ -132,6 +138,8 @@ def average(
             force=force,
             wrap_key=wrap_key,
             nonfinite=nonfinite,
+            steps=steps,
+            selection=selection,
         )
         if bn is None:
             run_plan(plan, device=device, progress=progress)

@@ -319,7 +319,59 @@ def _averaging_options(command):
     ]
     for option in reversed(options):
         command = option(command)
-    return _bn_options("--bn-data", required=False)(_hub_option_decorators(command))
+    return _selection_options(_bn_options("--bn-data", required=False)(_hub_option_decorators(command)))
+
+
+def _ints(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of whole numbers") from None
+
+
+def _selection_options(command):
+    """Steps and which checkpoints to average (see ckptavg.selection)."""
+    options = [
+        click.option(
+            "--steps",
+            callback=_ints,
+            metavar="S1,S2,...",
+            help="Training step of each checkpoint, in averaging order [default: stored in the "
+            "checkpoint (global_step, step, epoch), else read from its name, e.g. step_1000].",
+        ),
+        click.option(
+            "--last", type=int, metavar="K", help="Average only the K latest checkpoints by step (LAWA)."
+        ),
+        click.option(
+            "--every", type=int, metavar="K", help="Keep every K-th checkpoint, counted back from the last."
+        ),
+        click.option("--from-step", type=int, metavar="A", help="Keep checkpoints from step A on."),
+        click.option("--to-step", type=int, metavar="B", help="Keep checkpoints up to step B."),
+        click.option("--best", type=int, metavar="K", help="Keep the K best checkpoints by --metric."),
+        click.option(
+            "--metric",
+            metavar="NAME",
+            help="Scalar for --best, stored in torch checkpoints (metric, best_acc1, ...) or --metrics.",
+        ),
+        click.option(
+            "--mode",
+            type=click.Choice(["max", "min"]),
+            default="max",
+            show_default=True,
+            help="Whether a larger or a smaller --metric is better.",
+        ),
+        click.option(
+            "--metrics",
+            type=click.Path(dir_okay=False),
+            metavar="FILE",
+            help="JSON or CSV of metrics per checkpoint, with a 'step' or 'checkpoint' column.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 @click.group(context_settings=_CONTEXT)
@@ -361,34 +413,83 @@ def swa(**options):
     """
     from .schedules import swa as schedule
 
-    _average(schedule(), **options)
+    _average([schedule()], **options)
 
 
 @main.command(context_settings=_CONTEXT)
 @click.option(
     "--decay",
     type=float,
-    required=True,
-    help="Weight kept by the running average at each checkpoint, in [0, 1].",
+    help="Weight kept by the running average per checkpoint (per step with --per-step).",
 )
+@click.option(
+    "--per-step",
+    is_flag=True,
+    help="The decay is per training step: each checkpoint weighs the steps since the one before.",
+)
+@click.option(
+    "--half-life", type=float, metavar="STEPS", help="Instead of --decay: the half-life in training steps."
+)
+@click.option(
+    "--bias-correction",
+    is_flag=True,
+    help="Start from zeros and divide by 1 - decay^N (as Adam and optax), not from the first checkpoint.",
+)
+@click.option(
+    "--sigma-rel",
+    type=float,
+    multiple=True,
+    metavar="X",
+    help="Post-hoc power EMA of this relative width, e.g. 0.05 (repeatable: several outputs, one "
+    "read; put {sigma_rel} in -o).",
+)
+@click.option("--gamma", type=float, multiple=True, metavar="G", help="Post-hoc power EMA by its exponent.")
 @_averaging_options
 @_reports_errors
-def ema(decay, **options):
-    """Exponential moving average with torch's semantics.
+def ema(decay, per_step, half_life, bias_correction, sigma_rel, gamma, **options):
+    """Exponential moving average: torch's per-checkpoint EMA, per-step EMA, or post-hoc power EMA.
 
-    The first checkpoint is the starting value, then each later one applies
-    avg = decay * avg + (1 - decay) * x, as torchvision's reference EMA does.
-    The decay applies once per checkpoint, not per training step: --decay 0.999
+    \b
+    Per checkpoint (--decay): the first checkpoint is the starting value, then
+    each later one applies avg = decay * avg + (1 - decay) * x, as torchvision's
+    reference EMA does. The decay applies once per checkpoint: --decay 0.999
     over 10 checkpoints leaves 99.1% of the weight on the first one, and the
     plan warns about such weights.
 
     \b
-    ckptavg ema --decay 0.9 'ckpts/*.safetensors' -o ema.safetensors
-    ckptavg ema --decay 0.9 'ckpts/*.safetensors' --dry-run
-    """
-    from .schedules import ema as schedule
+    Per step (--per-step with --decay, or --half-life): the decay applies once
+    per training step, and each checkpoint stands for the steps since the one
+    before (weights taken as constant between saves), so the result equals
+    torch's per-step EMA when every step is saved and does not depend on how
+    often checkpoints were saved otherwise. Needs each checkpoint's step.
 
-    _average(schedule(decay), **options)
+    \b
+    Post-hoc power EMA (--sigma-rel or --gamma; Karras et al. 2024): the
+    profile p(t) ~ t^gamma at the last step, integrated over each checkpoint's
+    steps; sigma_rel = sqrt((g+1) / ((g+2)^2 (g+3))), below 0.289. Several
+    values write several outputs from one read of the inputs.
+
+    \b
+    ckptavg ema --decay 0.9 'ckpts/*.safetensors' -o ema.safetensors
+    ckptavg ema --half-life 5000 'run/step_*.safetensors' -o ema.safetensors
+    ckptavg ema --sigma-rel 0.05 --sigma-rel 0.1 'run/step_*' -o 'ema_{sigma_rel}.safetensors'
+    """
+    from . import schedules
+
+    power = [schedules.power_ema(sigma_rel=x) for x in sigma_rel] + [
+        schedules.power_ema(gamma=g) for g in gamma
+    ]
+    if power and (decay is not None or half_life is not None):
+        raise click.UsageError("give either --decay/--half-life or --sigma-rel/--gamma")
+    if power:
+        _average(power, **options)
+    elif decay is None and half_life is None:
+        raise click.UsageError("give --decay (or --half-life, --sigma-rel, --gamma)")
+    else:
+        _average(
+            [schedules.ema(decay, half_life=half_life, per_step=per_step, bias_correction=bias_correction)],
+            **options,
+        )
 
 
 @main.command(context_settings=_CONTEXT)
@@ -418,11 +519,11 @@ def avg(weights, **options):
         raise click.BadParameter(
             f"{weights!r} is not a comma-separated list of numbers", param_hint="--weights"
         ) from None
-    _average(weighted(values), **options)
+    _average([weighted(values)], **options)
 
 
 def _average(
-    schedule,
+    schedules,
     *,
     inputs,
     output,
@@ -441,60 +542,105 @@ def _average(
     token,
     cache_dir,
     offline,
+    steps,
+    last,
+    every,
+    from_step,
+    to_step,
+    best,
+    metric,
+    mode,
+    metrics,
     **bn_options,
 ):
-    from .api import open_checkpoints, run_plan
+    from .api import open_checkpoints, run_plans
     from .plan import build_plan
+    from .selection import Selection
 
     bn = _bn_pass(bn_options, device)
     if output is None and not dry_run:
         raise click.UsageError("give an output with -o PATH (or check the inputs with --dry-run)")
+    outputs = _outputs(output, schedules)
+    if bn is not None and len(schedules) > 1:
+        raise click.UsageError("--bn-data works with one output at a time; give one --sigma-rel")
+    selection = Selection(
+        last=last,
+        every=every,
+        from_step=from_step,
+        to_step=to_step,
+        best=best,
+        metric=metric,
+        mode=mode,
+        metrics=metrics,
+    )
     progress = not quiet and sys.stderr.isatty()
     hub = _hub(token, cache_dir, offline, progress)
     with open_checkpoints(
         inputs, keep_order=keep_order, key=key, strip_prefix=strip_prefix, hub=hub, fetch=not dry_run
     ) as checkpoints:
-        plan = build_plan(
-            checkpoints,
-            schedule,
-            output=output,
-            dtype=dtype,
-            accum_dtype=accum_dtype,
-            max_shard_size=max_shard_size,
-            force=force,
-            wrap_key=wrap_key,
-            nonfinite=nonfinite,
-        )
+        plans = [
+            build_plan(
+                checkpoints,
+                schedule,
+                output=out,
+                dtype=dtype,
+                accum_dtype=accum_dtype,
+                max_shard_size=max_shard_size,
+                force=force,
+                wrap_key=wrap_key,
+                nonfinite=nonfinite,
+                steps=steps,
+                selection=selection,
+            )
+            for schedule, out in zip(schedules, outputs, strict=True)
+        ]
         if not quiet or dry_run:
-            click.echo("\n".join(plan.describe()))
+            click.echo("\n\n".join("\n".join(plan.describe()) for plan in plans))
             if bn is not None:
                 from .bn import describe_pass
 
                 click.echo(describe_pass(bn))
-        for warning in plan.warnings:
+        warnings = plans[0].warnings
+        for warning in warnings:
             click.echo(f"warning: {warning}", err=True)
         if dry_run:
             click.echo("dry run: nothing written")
             return
-        warnings, shown = plan.warnings, len(plan.warnings)
+        shown = len(warnings)
         if bn is None:
-            path = run_plan(plan, device=device, progress=progress)
+            run_plans(plans, device=device, progress=progress)
         else:
             from .bn import average_then_recompute_statistics
 
-            plan = average_then_recompute_statistics(plan, bn, device=device, progress=progress)
-            path = plan.output
+            plans = [average_then_recompute_statistics(plans[0], bn, device=device, progress=progress)]
             if not quiet:
-                _report_pass(plan)
+                _report_pass(plans[0])
         for warning in warnings[shown:]:  # found while averaging (non-finite values)
             click.echo(f"warning: {warning}", err=True)
     if not quiet:
         from .units import format_bytes
 
-        click.echo(
-            f"wrote {path}{'/' if plan.folder else ''} ({format_bytes(plan.output_nbytes)}, "
-            f"{len(plan.tensors)} tensors)"
+        for plan in plans:
+            click.echo(
+                f"wrote {plan.output}{'/' if plan.folder else ''} ({format_bytes(plan.output_nbytes)}, "
+                f"{len(plan.tensors)} tensors)"
+            )
+
+
+def _outputs(output: str | None, schedules) -> list[str | None]:
+    """One output per schedule: `-o` as given, or formatted with each schedule's parameters."""
+    if output is None or len(schedules) == 1:
+        return [output] * len(schedules)
+    try:
+        outputs = [output.format(**schedule.params()) for schedule in schedules]
+    except (KeyError, IndexError, ValueError):
+        outputs = [output] * len(schedules)
+    if len(set(outputs)) < len(outputs):
+        raise click.UsageError(
+            "several --sigma-rel/--gamma write several outputs: put {sigma_rel} (or {gamma}) "
+            "in -o, e.g. -o 'ema_{sigma_rel}.safetensors'"
         )
+    return outputs
 
 
 @main.command("bn-update", context_settings=_CONTEXT)

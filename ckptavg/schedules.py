@@ -124,6 +124,7 @@ class PowerEma:
     """
 
     gamma: float
+    given_sigma_rel: float | None = None  # as the user wrote it, for file names and metadata
     method = "power-ema"
 
     def __post_init__(self):
@@ -132,7 +133,7 @@ class PowerEma:
 
     @property
     def sigma_rel(self) -> float:
-        return gamma_to_sigma_rel(self.gamma)
+        return self.given_sigma_rel if self.given_sigma_rel is not None else gamma_to_sigma_rel(self.gamma)
 
     def weights(self, count: int, steps: Sequence[int | None] | None = None) -> list[float]:
         _require_checkpoints(count)
@@ -212,7 +213,9 @@ def power_ema(*, sigma_rel: float | None = None, gamma: float | None = None) -> 
     """Post-hoc power EMA with a relative width `sigma_rel` (or exponent `gamma`)."""
     if (sigma_rel is None) == (gamma is None):
         raise ScheduleError("give the power EMA either --sigma-rel or --gamma")
-    return PowerEma(sigma_rel_to_gamma(sigma_rel) if sigma_rel is not None else float(gamma))
+    if sigma_rel is not None:
+        return PowerEma(sigma_rel_to_gamma(sigma_rel), given_sigma_rel=float(sigma_rel))
+    return PowerEma(float(gamma))
 
 
 def weighted(weights: Sequence[float]) -> Weighted:
@@ -227,7 +230,7 @@ def gamma_to_sigma_rel(gamma: float) -> float:
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """The exponent whose profile has this relative width (sigma_rel falls as gamma grows from 0)."""
-    if not 0 < sigma_rel < MAX_SIGMA_REL:
+    if not 0 < sigma_rel <= MAX_SIGMA_REL:
         raise ScheduleError(f"--sigma-rel must be between 0 and {MAX_SIGMA_REL:.3f}, got {sigma_rel}")
     low, high = 0.0, 1.0
     while gamma_to_sigma_rel(high) > sigma_rel:
