@@ -41,6 +41,11 @@ CHUNK_ELEMENTS = 2**20  # 4 MB of fp32: the accumulator and its scratch stay in 
 # Buffers of each kind that may be in flight between the engine and the writer thread.
 BUFFERS_IN_FLIGHT = 3
 DEFAULT_FOLDER_SHARD_SIZE = "50GB"
+_STEP_SOURCE_KINDS = {
+    "name": "file names",
+    "stored": "values stored in the checkpoints",
+    "--steps": "--steps",
+}
 _SAMPLE = 64 * 1024  # bytes read at three places of each file to recognize copies
 NONFINITE_POLICIES = ("error", "warn", "skip-checkpoint")
 _SHOWN_NAMES = 5
@@ -170,11 +175,9 @@ class Plan:
         known = [source for source in self.step_sources if source != "unknown"]
         if not known:
             return "steps:      unknown (name files like step_1000, or give --steps) — the column shows ?"
-        kinds = sorted({source.split(" ")[0] for source in known})
+        kinds = sorted({_STEP_SOURCE_KINDS.get(source.split(" ")[0], source) for source in known})
         unknown = len(self.step_sources) - len(known)
-        return f"steps:      from the checkpoints' {' and '.join(kinds)}" + (
-            f"; {unknown} unknown" if unknown else ""
-        )
+        return f"steps:      from {' and '.join(kinds)}" + (f"; {unknown} unknown" if unknown else "")
 
     def _implied_sigma_rel(self) -> str:
         if not self.steps or any(s is None for s in self.steps) or max(self.steps) <= 0:
@@ -205,7 +208,9 @@ class Plan:
 
     def describe(self) -> list[str]:
         """Human-readable lines: the weight of every checkpoint, sizes, layout and memory."""
-        params = ", ".join(f"{k}={v}" for k, v in self.schedule.params().items())
+        params = ", ".join(
+            f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.schedule.params().items()
+        )
         lines = [
             f"{self.schedule.method}{f' ({params})' if params else ''} over "
             f"{_plural(len(self.checkpoints), 'checkpoint')}, oldest first:"
