@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from .sources import (
     natural_key,
 )
 from .units import format_bytes
+from .writer import free_space
 
 _SPEC = re.compile(
     r"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>refs/(?:pr|convert)/[^/]+|[^/]+))?(?:/(?P<path>.*))?$"
@@ -297,10 +297,7 @@ def _check_free_space(checkpoints: Sequence[_Checkpoint], options: HubOptions) -
     )
     if needed == 0:
         return
-    probe = options.cache
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = free_space(options.cache)
     if needed > free:
         raise InputError(
             f"the Hub inputs need {format_bytes(needed)} in the cache {options.cache} but only "

@@ -274,12 +274,17 @@ def _written_by_ckptavg(folder: Path) -> bool:
     return False
 
 
-def ensure_free_space(target: Path, nbytes: int) -> None:
-    """Fail before writing when the output cannot fit on its file system."""
-    probe = target.parent
+def free_space(path: Path) -> int:
+    """Bytes free on the file system that holds `path` (or would hold it, once its folders exist)."""
+    probe = path
     while not probe.exists():
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    return shutil.disk_usage(probe).free
+
+
+def ensure_free_space(target: Path, nbytes: int) -> None:
+    """Fail before writing when the output cannot fit on its file system."""
+    free = free_space(target.parent)
     if nbytes > free:
         raise OutputError(
             f"{target}: needs {format_bytes(nbytes)} but only {format_bytes(free)} is free there; "
