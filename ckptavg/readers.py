@@ -256,6 +256,8 @@ class _SafetensorsFile:
                     raise InputError(_changed(self.path))
                 # ACCESS_COPY (MAP_PRIVATE, as safetensors maps): writable for torch, never written back.
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
+                mapped.madvise(mmap.MADV_SEQUENTIAL)  # tensors are read front to back: read ahead further
         except (OSError, ValueError) as e:
             raise InputError(f"{self.path}: cannot map the file: {e}") from e
         (header_length,) = struct.unpack("<Q", mapped[:8])
