@@ -265,15 +265,22 @@ class TestOutputSafety:
 class TestSignals:
     @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
     @pytest.mark.parametrize("delay", [0.0, 0.05, 0.2])
-    def test_interrupted_run_keeps_the_previous_output(self, tmp_path, signum, delay):
-        for i in range(3):
-            save_file(
-                {"w": torch.full((96, 2**20), float(i)), "b": torch.ones(8)}, tmp_path / f"s{i}.safetensors"
-            )
+    @pytest.fixture(scope="class")
+    def big_inputs(self, tmp_path_factory):
+        """Inputs large enough that a run is still writing when the signal lands (made once, then removed)."""
+        folder = tmp_path_factory.mktemp("big")
+        paths = [folder / f"s{i}.safetensors" for i in range(3)]
+        for i, path in enumerate(paths):
+            save_file({"w": torch.full((96, 2**20), float(i)), "b": torch.ones(8)}, path)
+        yield paths
+        for path in paths:
+            path.unlink()
+
+    def test_interrupted_run_keeps_the_previous_output(self, tmp_path, big_inputs, signum, delay):
         out = tmp_path / "o.safetensors"
         out.write_bytes(b"the previous average")
         process = subprocess.Popen(
-            [CKPTAVG, "swa", *(tmp_path / f"s{i}.safetensors" for i in range(3)), "-o", out, "--force"],
+            [CKPTAVG, "swa", *big_inputs, "-o", out, "--force"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
