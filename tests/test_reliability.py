@@ -261,21 +261,22 @@ class TestOutputSafety:
             subprocess.run(["umount", str(mount)], check=False)
 
 
+@pytest.fixture(scope="module")
+def big_inputs(tmp_path_factory):
+    """Inputs large enough that a run is still writing when the signal lands (made once, then removed)."""
+    folder = tmp_path_factory.mktemp("big")
+    paths = [folder / f"s{i}.safetensors" for i in range(3)]
+    for i, path in enumerate(paths):
+        save_file({"w": torch.full((96, 2**20), float(i)), "b": torch.ones(8)}, path)
+    yield paths
+    for path in paths:
+        path.unlink()
+
+
 @pytest.mark.skipif(not CKPTAVG.exists(), reason="ckptavg is not installed next to this Python")
 class TestSignals:
     @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
     @pytest.mark.parametrize("delay", [0.0, 0.05, 0.2])
-    @pytest.fixture(scope="class")
-    def big_inputs(self, tmp_path_factory):
-        """Inputs large enough that a run is still writing when the signal lands (made once, then removed)."""
-        folder = tmp_path_factory.mktemp("big")
-        paths = [folder / f"s{i}.safetensors" for i in range(3)]
-        for i, path in enumerate(paths):
-            save_file({"w": torch.full((96, 2**20), float(i)), "b": torch.ones(8)}, path)
-        yield paths
-        for path in paths:
-            path.unlink()
-
     def test_interrupted_run_keeps_the_previous_output(self, tmp_path, big_inputs, signum, delay):
         out = tmp_path / "o.safetensors"
         out.write_bytes(b"the previous average")
