@@ -23,7 +23,7 @@ from .hub import HubOptions
 
 if TYPE_CHECKING:
     from .bn import BatchNormPass
-from .plan import Plan, build_plan
+from .plan import Plan, TensorPlan, build_plan
 from .readers import Checkpoint, open_checkpoint, open_headers
 from .schedules import Schedule
 from .selection import Selection
@@ -221,8 +221,8 @@ def _write(plans: list[Plan], *, device: str, progress: bool) -> list[Path]:
                 by_name.update((t.name, writer) for t in file.tensors)
             writers.append(by_name)
         with WriteQueue() as queue:
-            for tensor in first.computed:
-                targets = first.targets(tensor)
+            for tensor in first.work():
+                targets = first.targets(tensor) if isinstance(tensor, TensorPlan) else [tensor.name]
                 for parts in engine.chunks(tensor):
                     for by_name, (start, chunk, release) in zip(writers, parts, strict=True):
                         for i, name in enumerate(targets):

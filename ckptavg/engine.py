@@ -19,7 +19,7 @@ import torch
 
 from . import dtypes
 from .errors import CkptavgError, NonFiniteError
-from .plan import BUFFERS_IN_FLIGHT, CHUNK_ELEMENTS, Plan, TensorPlan
+from .plan import BUFFERS_IN_FLIGHT, CHUNK_ELEMENTS, Plan, Run, TensorPlan
 
 Release = Callable[[], None] | None
 Chunk = tuple[int, torch.Tensor, Release]  # (byte offset in the tensor, values, release)
@@ -112,7 +112,7 @@ class Engine:
     def _average(self, tensor: TensorPlan) -> Iterator[list[Chunk]]:
         weight_sets = [plan.weights for plan in self.plans]
         sources = [
-            (index, ck.get(tensor.name).reshape(-1), [weights[index] for weights in weight_sets])
+            (index, _flat(ck, tensor), [weights[index] for weights in weight_sets])
             for index, ck in enumerate(self.plan.checkpoints)
             if any(weights[index] != 0.0 for weights in weight_sets)
         ]
@@ -140,10 +140,12 @@ class Engine:
             for acc, buffer in zip(accumulators, buffers, strict=True):
                 # A NaN or Inf in any input reaches the sum: one cheap check per chunk, riding along.
                 if not _finite(acc):
+                    where = int(torch.isfinite(acc).logical_not().nonzero()[0]) if acc.numel() else 0
+                    culprit = tensor.member_at(start + where) if isinstance(tensor, Run) else tensor
                     bad = [
                         index for index, source, _ in sources if not _finite(source[start : start + count])
                     ]
-                    self._nonfinite(tensor, bad[0] if bad else None)
+                    self._nonfinite(culprit, bad[0] if bad else None)
                 offset = start * out_dtype.itemsize
                 if out_dtype == acc.dtype and acc.device.type == "cpu":
                     chunks.append((offset, acc, lambda buffer=buffer: self._accumulators.release(buffer)))
@@ -189,6 +191,13 @@ class Engine:
             )
         buffer = pool.acquire()
         return buffer[: values.numel()].copy_(values), lambda: pool.release(buffer)
+
+
+def _flat(checkpoint, tensor: TensorPlan | Run) -> torch.Tensor:
+    """The input's values for a tensor, or for a run of them, as one flat zero-copy view."""
+    if isinstance(tensor, Run):
+        return checkpoint.get_run(tensor.names)
+    return checkpoint.get(tensor.name).reshape(-1)
 
 
 def _finite(values: torch.Tensor) -> bool:

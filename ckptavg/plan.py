@@ -75,6 +75,44 @@ class TensorPlan:
 
 
 @dataclass(frozen=True)
+class Run:
+    """Averaged tensors stored back to back, with one dtype, in every input and in the output.
+
+    The engine sums a run as one flat tensor, chunk by chunk as any other: a
+    model's thousands of small tensors cost a few operations instead of a few
+    each. safetensors stores tensors by dtype, then name, so most of a model is
+    one run.
+    """
+
+    tensors: tuple[TensorPlan, ...]
+    averaged = True
+
+    @property
+    def name(self) -> str:
+        return self.tensors[0].name
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tensors]
+
+    @property
+    def dtype(self) -> str:
+        return self.tensors[0].dtype
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    def member_at(self, element: int) -> TensorPlan:
+        """The tensor holding flat element `element` of the run."""
+        for tensor in self.tensors:
+            if element < tensor.numel:
+                return tensor
+            element -= tensor.numel
+        return self.tensors[-1]
+
+
+@dataclass(frozen=True)
 class OutputFile:
     """One file of the output: a single `.safetensors`, or one shard of a folder."""
 
@@ -119,6 +157,37 @@ class Plan:
     def computed(self) -> list[TensorPlan]:
         """The tensors the engine computes (tied copies excluded), in write order."""
         return [t for t in self.tensors if t.same_as is None]
+
+    def work(self) -> list[TensorPlan | Run]:
+        """What the engine computes, in write order: tensors, and runs of tensors stored back to back."""
+        file_of = {t.name: i for i, f in enumerate(self.files) for t in f.tensors}
+        tied = {t.same_as for t in self.tensors if t.same_as is not None}
+        items: list[TensorPlan | Run] = []
+        current: list[TensorPlan] = []
+        for tensor in self.tensors:
+            if tensor.same_as is not None:
+                continue
+            joinable = tensor.averaged and tensor.name not in tied
+            if current and joinable and self._adjacent(current[-1], tensor, file_of):
+                current.append(tensor)
+                continue
+            items.extend(_as_item(current))
+            current = [tensor] if joinable else []
+            if not joinable:
+                items.append(tensor)
+        items.extend(_as_item(current))
+        return items
+
+    def _adjacent(self, previous: TensorPlan, tensor: TensorPlan, file_of: dict[str, int]) -> bool:
+        if previous.dtype != tensor.dtype or file_of.get(previous.name) != file_of.get(tensor.name):
+            return False
+        for checkpoint in self.checkpoints:
+            before, after = checkpoint.byte_range(previous.name), checkpoint.byte_range(tensor.name)
+            if before is None or after is None or before[0] != after[0] or before[2] != after[1]:
+                return False
+            if checkpoint.tensors[previous.name].dtype != checkpoint.tensors[tensor.name].dtype:
+                return False
+        return True
 
     def targets(self, tensor: TensorPlan) -> list[str]:
         """Every output name a computed tensor is written under: its own and its tied copies'."""
@@ -357,6 +426,12 @@ def build_plan(
     elif wrap_key is not None:
         raise OutputError("--wrap-key needs a torch output (-o out.pt)")
     return plan
+
+
+def _as_item(tensors: list[TensorPlan]) -> list[TensorPlan | Run]:
+    if len(tensors) > 1:
+        return [Run(tuple(tensors))]
+    return list(tensors)
 
 
 def _tied_in_every_input(checkpoints: Sequence[Checkpoint]) -> dict[str, str]:

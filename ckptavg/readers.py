@@ -115,6 +115,23 @@ class Checkpoint:
         shard, stored = self._where[name]
         return shard.get(stored, self.tensors[name])
 
+    def byte_range(self, name: str) -> tuple[Path, int, int] | None:
+        """Where tensor `name`'s bytes lie in a safetensors file, or None (torch files, headers only)."""
+        shard, stored = self._where[name]
+        if not isinstance(shard, _SafetensorsFile):
+            return None
+        return (shard.path, *shard.offsets[stored])
+
+    def get_run(self, names: Sequence[str]):
+        """Tensors stored back to back in one file, with one dtype, as one flat zero-copy view.
+
+        A model's many small tensors are then summed in one operation instead of one each.
+        """
+        shard, _ = self._where[names[0]]
+        _, begin, _ = self.byte_range(names[0])
+        _, _, end = self.byte_range(names[-1])
+        return shard.get_bytes(begin, end, self.tensors[names[0]].dtype)
+
     def check_unchanged(self) -> None:
         """Refuse a checkpoint whose files changed since they were opened (still being written?).
 
@@ -235,17 +252,21 @@ class _SafetensorsFile:
         self.metadata = dict(handle.metadata() or {})
         self.scalars = _numbers(self.metadata)
         self._bytes = None
-        self._offsets: dict[str, tuple[int, int]] = {}
+        self.offsets = _data_offsets(path)
 
     def get(self, name: str, info: TensorInfo):
+        begin, end = self.offsets[name]
+        return self.get_bytes(begin, end, info.dtype).view(info.shape)
+
+    def get_bytes(self, begin: int, end: int, dtype: str):
+        """The file's bytes [begin, end) as a flat tensor of `dtype`, zero-copy."""
         if self._bytes is None:
             self._map()
-        begin, end = self._offsets[name]
         raw = self._bytes[begin:end]
         try:
-            return raw.view(dtypes.torch_dtype(info.dtype)).view(info.shape)
+            return raw.view(dtypes.torch_dtype(dtype))
         except RuntimeError:  # misaligned data (files from old writers): a copy, still correct
-            return raw.clone().view(dtypes.torch_dtype(info.dtype)).view(info.shape)
+            return raw.clone().view(dtypes.torch_dtype(dtype))
 
     def _map(self) -> None:
         import torch
@@ -260,15 +281,20 @@ class _SafetensorsFile:
                 mapped.madvise(mmap.MADV_SEQUENTIAL)  # tensors are read front to back: read ahead further
         except (OSError, ValueError) as e:
             raise InputError(f"{self.path}: cannot map the file: {e}") from e
-        (header_length,) = struct.unpack("<Q", mapped[:8])
-        header = json.loads(mapped[8 : 8 + header_length])
-        start = 8 + header_length
-        self._offsets = {
-            name: (start + entry["data_offsets"][0], start + entry["data_offsets"][1])
-            for name, entry in header.items()
-            if name != METADATA_KEY
-        }
         self._bytes = torch.frombuffer(mapped, dtype=torch.uint8)
+
+
+def _data_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """Each tensor's byte range in the file (the header was validated by safetensors already)."""
+    with open(path, "rb") as f:
+        (header_length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_length))
+    start = 8 + header_length
+    return {
+        name: (start + entry["data_offsets"][0], start + entry["data_offsets"][1])
+        for name, entry in header.items()
+        if name != METADATA_KEY
+    }
 
 
 class _HeaderOnlyFile:

@@ -317,3 +317,26 @@ class TestDevice:
     def test_unknown_device(self, tmp_path, series):
         with pytest.raises(ckptavg.CkptavgError, match="--device tpu7: not a device name"):
             ckptavg.average(series, ckptavg.swa(), out=tmp_path / "o.safetensors", device="tpu7")
+
+
+class TestRuns:
+    def test_small_tensors_stored_back_to_back_are_summed_as_one_run(self, tmp_path, series, states):
+        with ckptavg.open_checkpoints(series) as checkpoints:
+            plan = ckptavg.build_plan(checkpoints, ckptavg.swa(), output=tmp_path / "o.safetensors")
+            runs = [item for item in plan.work() if not hasattr(item, "entry")]
+            assert len(runs) == 1 and len(runs[0].tensors) == 8  # every float tensor of SmallNet
+            ckptavg.run_plan(plan)
+        assert_matches_torch(
+            load_file(tmp_path / "o.safetensors"), torch_average(states), states, torch.float32
+        )
+
+    def test_no_run_where_an_input_lays_tensors_out_differently(self, tmp_path, series, states):
+        torch.save(states[2], tmp_path / "middle.pt")
+        inputs = [series[0], series[1], tmp_path / "middle.pt", series[3], series[4]]
+        with ckptavg.open_checkpoints(inputs, keep_order=True) as checkpoints:
+            plan = ckptavg.build_plan(checkpoints, ckptavg.swa(), output=tmp_path / "o.safetensors")
+            assert all(hasattr(item, "entry") for item in plan.work())
+            ckptavg.run_plan(plan)
+        assert_matches_torch(
+            load_file(tmp_path / "o.safetensors"), torch_average(states), states, torch.float32
+        )

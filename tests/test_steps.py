@@ -149,10 +149,18 @@ class TestPowerEma:
         states = perturbed_states(6)
         paths = save_series(tmp_path / "run", states, name="step_{}000")
         reads = []
-        real_get = Checkpoint.get
-        monkeypatch.setattr(
-            Checkpoint, "get", lambda self, name: reads.append((self.path, name)) or real_get(self, name)
-        )
+        real_get, real_get_run = Checkpoint.get, Checkpoint.get_run
+
+        def get(self, name):
+            reads.append((self.path, name))
+            return real_get(self, name)
+
+        def get_run(self, names):
+            reads.extend((self.path, name) for name in names)
+            return real_get_run(self, names)
+
+        monkeypatch.setattr(Checkpoint, "get", get)
+        monkeypatch.setattr(Checkpoint, "get_run", get_run)
         result = CliRunner().invoke(
             main,
             [
@@ -172,6 +180,7 @@ class TestPowerEma:
         )  # 8 averaged tensors of 6 inputs, 1 copied: once each
         for sigma_rel in (0.05, 0.15):
             monkeypatch.setattr(Checkpoint, "get", real_get)
+            monkeypatch.setattr(Checkpoint, "get_run", real_get_run)
             ckptavg.average(
                 paths, ckptavg.power_ema(sigma_rel=sigma_rel), out=tmp_path / f"alone_{sigma_rel}.safetensors"
             )
