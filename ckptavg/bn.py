@@ -17,14 +17,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .data import Batches, DataOptions, open_batches
-from .errors import CkptavgError, InputError
+from .errors import SHOWN_NAMES, CkptavgError, InputError, name_list
 from .imports import build_model
 from .plan import OutputFile, Plan, build_plan
 from .readers import Checkpoint
 from .schedules import swa
 
 BN_KEY = "ckptavg.bn"
-_SHOWN_NAMES = 5
 
 
 class NoBatchNormError(CkptavgError):
@@ -108,7 +107,7 @@ def recompute_statistics(checkpoint: Checkpoint, bn: BatchNormPass, *, progress:
         "samples": batches.samples,
         "batches": batches.batches,
         "skipped": len(batches.skipped),
-        "unreadable": batches.skipped[:_SHOWN_NAMES],
+        "unreadable": batches.skipped[:SHOWN_NAMES],
         "options": {k: v for k, v in asdict(bn.data).items() if v not in (None, False) and k != "data"},
     }
     return new, record, batches
@@ -237,9 +236,9 @@ def _check_fit(model, checkpoint: Checkpoint, spec: str) -> None:
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing ({_names(missing)})")
+            parts.append(f"{len(missing)} missing ({name_list(missing)})")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected ({_names(unexpected)})")
+            parts.append(f"{len(unexpected)} unexpected ({name_list(unexpected)})")
         hint = _prefix_hint(missing, unexpected)
         raise MismatchError(
             f"{checkpoint.label}: its tensors do not fit --model {spec}: {'; '.join(parts)}{hint}"
@@ -259,11 +258,6 @@ def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
         if rest in missing:
             return f"; the checkpoint's names start with '{head}.': try --strip-prefix {head}."
     return "; check --model and --model-kwargs, or --strip-prefix"
-
-
-def _names(names: list[str]) -> str:
-    shown = ", ".join(f"'{n}'" for n in names[:_SHOWN_NAMES])
-    return shown + (f" and {len(names) - _SHOWN_NAMES} more" if len(names) > _SHOWN_NAMES else "")
 
 
 def _feed(batches: Batches, device, channels_last: bool, bar) -> Iterator:

@@ -1,6 +1,15 @@
 """Error types. Every failure a user can cause is a `CkptavgError` whose message
 is one complete line: the file, the tensor, the cause and what to do."""
 
+SHOWN_NAMES = 5  # how many names an error lists before "and N more"
+
+
+def name_list(names) -> str:
+    """`'a', 'b' and 3 more`: the first few names, quoted, for a one-line message."""
+    names = list(names)
+    shown = ", ".join(f"'{n}'" for n in names[:SHOWN_NAMES])
+    return shown + (f" and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else "")
+
 
 class CkptavgError(Exception):
     """Base class: the CLI prints the message as one line and exits non-zero."""

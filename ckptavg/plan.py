@@ -18,7 +18,7 @@ from math import prod
 from pathlib import Path
 
 from . import __version__, dtypes
-from .errors import MismatchError, OutputError
+from .errors import MismatchError, OutputError, name_list
 from .readers import Checkpoint
 from .schedules import Schedule, effective_count, implied_sigma_rel
 from .selection import Selection, select
@@ -48,7 +48,6 @@ _STEP_SOURCE_KINDS = {
 }
 _SAMPLE = 64 * 1024  # bytes read at three places of each file to recognize copies
 NONFINITE_POLICIES = ("error", "warn", "skip-checkpoint")
-_SHOWN_NAMES = 5
 
 
 @dataclass(frozen=True)
@@ -453,11 +452,11 @@ def _check_same_model(checkpoints: Sequence[Checkpoint]) -> None:
             parts = []
             if missing:
                 parts.append(
-                    f"lacks {_plural(len(missing), 'tensor')} of {reference.label} ({_names(missing)})"
+                    f"lacks {_plural(len(missing), 'tensor')} of {reference.label} ({name_list(missing)})"
                 )
             if extra:
                 parts.append(
-                    f"has {_plural(len(extra), 'tensor')} that {reference.label} lacks ({_names(extra)})"
+                    f"has {_plural(len(extra), 'tensor')} that {reference.label} lacks ({name_list(extra)})"
                 )
             raise MismatchError(
                 f"{ck.label}: {' and '.join(parts)}; average only checkpoints of the same model"
@@ -590,11 +589,6 @@ def _count_dtypes(tensors: Sequence[TensorPlan]) -> str:
 
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
-def _names(names: Sequence[str]) -> str:
-    shown = ", ".join(f"'{n}'" for n in names[:_SHOWN_NAMES])
-    return shown + (f" and {len(names) - _SHOWN_NAMES} more" if len(names) > _SHOWN_NAMES else "")
 
 
 def _shape(shape: tuple[int, ...]) -> str:
