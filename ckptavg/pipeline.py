@@ -1,18 +1,27 @@
-"""Overlap writing with computing: a writer thread fed through a bounded queue.
+"""Overlap writing with computing: a writer thread fed through a queue.
 
 Torch arithmetic and file writes both release the GIL, so while the engine sums
 the next chunk, a second thread writes (and periodically flushes) the previous
-one. The queue is bounded by the engine's buffer pool: a buffer handed to the
-writer comes back through its `release` callback once written.
+one. Memory stays bounded by the engine's buffer pools: a buffer handed to the
+writer comes back through its `release` callback once written, and the engine
+waits for one before computing more.
+
+Ctrl-C and SIGTERM raise in the main thread between any two bytecodes. Raised
+inside `queue.Queue` or `threading.Event`, whose locks are Python code, such
+an exception can leave a lock held and both threads waiting forever. So the
+thread is started with `_thread` (not `threading.Thread`, whose start and join
+use such locks) and shares only `queue.SimpleQueue`s with the main thread:
+they are implemented in C and safe to interrupt.
 """
 
 from __future__ import annotations
 
+import _thread
 import queue
-import threading
 from collections.abc import Callable
 
 _STOP = object()
+_DRAIN = object()
 
 
 class WriteQueue:
@@ -20,17 +29,18 @@ class WriteQueue:
 
     An error in the thread is re-raised in the caller at the next `submit` or
     `drain`; leaving the `with` block waits for the thread, so no write is
-    still running when the caller cleans up its files.
+    still running when the caller closes its files.
     """
 
-    def __init__(self, depth: int = 4):
-        self._tasks: queue.Queue = queue.Queue(maxsize=depth)
+    def __init__(self) -> None:
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._drained: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopped: queue.SimpleQueue = queue.SimpleQueue()
         self._error: BaseException | None = None
         self._cancelled = False
-        self._thread = threading.Thread(target=self._run, name="ckptavg-writer", daemon=True)
 
     def __enter__(self) -> WriteQueue:
-        self._thread.start()
+        _thread.start_new_thread(self._run, ())
         return self
 
     def submit(self, call: Callable, *args, release: Callable[[], None] | None = None) -> None:
@@ -40,13 +50,25 @@ class WriteQueue:
 
     def drain(self) -> None:
         """Wait until everything submitted is done; raise the first error."""
-        self._tasks.join()
+        self._tasks.put(_DRAIN)
+        self._drained.get()
         self._raise_error()
 
     def __exit__(self, exc_type, *exc) -> None:
         self._cancelled = exc_type is not None  # the caller failed: skip what is still queued
         self._tasks.put(_STOP)
-        self._thread.join()
+        interrupted = None
+        while True:
+            try:
+                self._stopped.get()
+                break
+            except (
+                KeyboardInterrupt
+            ) as e:  # a second Ctrl-C: still wait, the files must not close under a write
+                self._cancelled = True
+                interrupted = e
+        if interrupted is not None:
+            raise interrupted
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -55,17 +77,18 @@ class WriteQueue:
     def _run(self) -> None:
         while True:
             task = self._tasks.get()
+            if task is _STOP:
+                self._stopped.put(None)
+                return
+            if task is _DRAIN:
+                self._drained.put(None)
+                continue
+            call, args, release = task
             try:
-                if task is _STOP:
-                    return
-                call, args, release = task
-                try:
-                    if self._error is None and not self._cancelled:
-                        call(*args)
-                except BaseException as e:  # handed to the caller's thread
-                    self._error = e
-                finally:
-                    if release is not None:
-                        release()
+                if self._error is None and not self._cancelled:
+                    call(*args)
+            except BaseException as e:  # handed to the caller's thread
+                self._error = e
             finally:
-                self._tasks.task_done()
+                if release is not None:
+                    release()
