@@ -7,13 +7,20 @@ scratch buffer to cast other dtypes into (a mixed-dtype `add_` is ~3x slower
 than `copy_` then a same-dtype `add_`), and output buffers for the final cast.
 Finished chunks are handed out with a `release` callback, so a writer thread
 can write one while the next is computed. The engine never writes into a source.
+
+On a GPU the host stays one chunk ahead: inputs go through pinned buffers and
+cross to the device on a side stream while the previous chunk is summed, the
+accumulators stay on the device, and results come back asynchronously into
+pinned buffers. A chunk is handed out once its copy back has finished.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import queue
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -43,8 +50,10 @@ def resolve_device(device: str) -> torch.device:
 class _BufferPool:
     """Up to `limit` equal buffers, made on first need; `acquire` waits for one to be released."""
 
-    def __init__(self, elements: int, dtype: torch.dtype, device: torch.device, limit: int):
-        self._make = lambda: torch.empty(elements, dtype=dtype, device=device)
+    def __init__(
+        self, elements: int, dtype: torch.dtype, device: torch.device, limit: int, pinned: bool = False
+    ):
+        self._make = lambda: torch.empty(elements, dtype=dtype, device=device, pin_memory=pinned)
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         self._made = 0
         self._limit = limit
@@ -60,6 +69,60 @@ class _BufferPool:
 
     def release(self, buffer: torch.Tensor) -> None:
         self._free.put(buffer)
+
+
+class _HostToDevice:
+    """Moves CPU chunks to the GPU through a ring of pinned buffers, on a side stream.
+
+    Copying from pageable memory makes the host wait for each transfer. Here the
+    host only copies the chunk into a pinned buffer (its read from the page
+    cache) and queues the transfer; the compute stream waits for it on the GPU.
+    A pinned buffer is refilled only after its previous transfer has finished.
+    """
+
+    SLOTS = 4
+
+    def __init__(self, elements: int, device: torch.device):
+        self._elements = elements
+        self._device = device
+        self._stream = torch.cuda.Stream(device)
+        self._rings: dict[torch.dtype, collections.deque] = {}
+
+    def __call__(self, piece: torch.Tensor) -> torch.Tensor:
+        """`piece` on the device, ready for work queued next on the current stream."""
+        ring = self._rings.get(piece.dtype)
+        if ring is None:
+            ring = self._rings[piece.dtype] = collections.deque(
+                (torch.empty(self._elements, dtype=piece.dtype, pin_memory=True), None)
+                for _ in range(self.SLOTS)
+            )
+        pinned, previous_transfer = ring.popleft()
+        if previous_transfer is not None:
+            previous_transfer.synchronize()
+        staged = pinned[: piece.numel()].copy_(piece)
+        compute = torch.cuda.current_stream(self._device)
+        with torch.cuda.stream(self._stream):
+            on_device = torch.empty(piece.numel(), dtype=piece.dtype, device=self._device)
+            on_device.copy_(staged, non_blocking=True)
+            transfer = torch.cuda.Event()
+            transfer.record(self._stream)
+        ring.append((pinned, transfer))
+        compute.wait_event(transfer)
+        on_device.record_stream(compute)  # its memory is reused only after the sum has read it
+        return on_device
+
+
+@dataclass
+class _SummedChunk:
+    """One chunk's sums, one per plan, whose results may still be on their way back from a GPU."""
+
+    start: int
+    count: int
+    accumulators: list[torch.Tensor]
+    spare: list[torch.Tensor]  # accumulator buffers not handed to the writer: free once checked
+    totals: torch.Tensor  # each accumulator's sum: NaN or Inf anywhere shows in it
+    outputs: list[tuple[torch.Tensor, Release]]
+    done: torch.cuda.Event | None  # recorded after the copies back; None on the CPU
 
 
 class Engine:
@@ -82,6 +145,9 @@ class Engine:
         self._accumulators = _BufferPool(self._chunk, accum, device, BUFFERS_IN_FLIGHT * len(self.plans))
         self._scratch = _BufferPool(self._chunk, accum, device, 1)
         self._outputs: dict[torch.dtype, _BufferPool] = {}
+        on_gpu = device.type == "cuda"
+        self._to_device = _HostToDevice(self._chunk, device) if on_gpu else None
+        self._chunks_ahead = 1 if on_gpu else 0  # let the GPU finish a chunk while the host reads the next
 
     def chunks(self, tensor: TensorPlan) -> Iterator[list[Chunk]]:
         """The output tensor's values in order, one chunk per plan at a time, as contiguous CPU tensors.
@@ -117,42 +183,66 @@ class Engine:
             if any(weights[index] != 0.0 for weights in weight_sets)
         ]
         out_dtype = dtypes.torch_dtype(tensor.dtype)
-        numel = tensor.numel
-        for start in range(0, numel, self._chunk):
-            count = min(self._chunk, numel - start)
-            buffers = [self._accumulators.acquire() for _ in self.plans]
-            accumulators = [buffer[:count] for buffer in buffers]
-            started = [False] * len(self.plans)
-            scratch = self._scratch.acquire()
-            for _, source, weights in sources:
-                piece = self._to_accum(source[start : start + count], scratch)
-                for k, (acc, weight) in enumerate(zip(accumulators, weights, strict=True)):
-                    if weight == 0.0:
-                        continue
-                    if started[k]:
-                        acc.add_(piece, alpha=weight)
-                    else:
-                        torch.mul(piece, weight, out=acc)
-                        started[k] = True
-                self._on_read(count * source.element_size())
-            self._scratch.release(scratch)
-            chunks = []
-            for acc, buffer in zip(accumulators, buffers, strict=True):
-                # A NaN or Inf in any input reaches the sum: one cheap check per chunk, riding along.
-                if not _finite(acc):
-                    where = int(torch.isfinite(acc).logical_not().nonzero()[0]) if acc.numel() else 0
-                    culprit = tensor.member_at(start + where) if isinstance(tensor, Run) else tensor
-                    bad = [
-                        index for index, source, _ in sources if not _finite(source[start : start + count])
-                    ]
-                    self._nonfinite(culprit, bad[0] if bad else None)
-                offset = start * out_dtype.itemsize
-                if out_dtype == acc.dtype and acc.device.type == "cpu":
-                    chunks.append((offset, acc, lambda buffer=buffer: self._accumulators.release(buffer)))
+        in_flight: collections.deque[_SummedChunk] = collections.deque()
+        for start in range(0, tensor.numel, self._chunk):
+            count = min(self._chunk, tensor.numel - start)
+            in_flight.append(self._sum(sources, start, count, out_dtype))
+            if len(in_flight) > self._chunks_ahead:
+                yield self._hand_out(tensor, sources, in_flight.popleft(), out_dtype)
+        while in_flight:
+            yield self._hand_out(tensor, sources, in_flight.popleft(), out_dtype)
+
+    def _sum(self, sources: list, start: int, count: int, out_dtype: torch.dtype) -> _SummedChunk:
+        """Queue one chunk's weighted sums (one per plan) and their way back to the host."""
+        buffers = [self._accumulators.acquire() for _ in self.plans]
+        accumulators = [buffer[:count] for buffer in buffers]
+        started = [False] * len(self.plans)
+        scratch = self._scratch.acquire()
+        for _, source, weights in sources:
+            piece = self._to_accum(source[start : start + count], scratch)
+            for k, (acc, weight) in enumerate(zip(accumulators, weights, strict=True)):
+                if weight == 0.0:
+                    continue
+                if started[k]:
+                    acc.add_(piece, alpha=weight)
                 else:
-                    chunks.append((offset, *self._cast_out(acc, out_dtype)))
-                    self._accumulators.release(buffer)
-            yield chunks
+                    torch.mul(piece, weight, out=acc)
+                    started[k] = True
+            self._on_read(count * source.element_size())
+        self._scratch.release(scratch)  # on a GPU, later work on the same stream runs after this chunk's
+        totals = torch.stack([acc.sum() for acc in accumulators])
+        outputs, spare = [], []
+        for acc, buffer in zip(accumulators, buffers, strict=True):
+            if out_dtype == acc.dtype and acc.device.type == "cpu":  # written as is; the writer gives it back
+                outputs.append((acc, lambda buffer=buffer: self._accumulators.release(buffer)))
+            else:
+                outputs.append(self._cast_out(acc, out_dtype))
+                spare.append(buffer)
+        done = None
+        if self._to_device is not None:
+            totals = totals.to("cpu", non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+        return _SummedChunk(start, count, accumulators, spare, totals, outputs, done)
+
+    def _hand_out(
+        self, tensor: TensorPlan, sources: list, chunk: _SummedChunk, out_dtype: torch.dtype
+    ) -> list[Chunk]:
+        """The chunk's results for the writer, once they are on the host and checked."""
+        if chunk.done is not None:
+            chunk.done.synchronize()
+        for acc, total in zip(chunk.accumulators, chunk.totals.tolist(), strict=True):
+            # A NaN or Inf in any input reaches the sum: one cheap check per chunk, riding along.
+            if not math.isfinite(total) and not bool(torch.isfinite(acc).all()):
+                where = int(torch.isfinite(acc).logical_not().nonzero()[0])
+                culprit = tensor.member_at(chunk.start + where) if isinstance(tensor, Run) else tensor
+                window = slice(chunk.start, chunk.start + chunk.count)
+                bad = [index for index, source, _ in sources if not _finite(source[window])]
+                self._nonfinite(culprit, bad[0] if bad else None)
+        for buffer in chunk.spare:
+            self._accumulators.release(buffer)
+        offset = chunk.start * out_dtype.itemsize
+        return [(offset, values, release) for values, release in chunk.outputs]
 
     def _nonfinite(self, tensor: TensorPlan, index: int | None) -> None:
         """Apply the plans' policy to a NaN or Inf in checkpoint `index`'s `tensor`."""
@@ -178,19 +268,28 @@ class Engine:
 
     def _to_accum(self, piece: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
         """The piece in the accumulator's dtype and device, through the scratch buffer if it must change."""
-        if piece.dtype == scratch.dtype and self.device.type == "cpu":
+        if self._to_device is not None:
+            piece = self._to_device(piece)
+        if piece.dtype == scratch.dtype:
             return piece
         return scratch[: piece.numel()].copy_(piece)
 
     def _cast_out(self, values: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, Release]:
-        """`values` cast into a pooled CPU buffer of the output dtype."""
+        """`values` cast into a pooled CPU buffer of the output dtype (asynchronously from a GPU)."""
         pool = self._outputs.get(dtype)
         if pool is None:
             pool = self._outputs[dtype] = _BufferPool(
-                self._chunk, dtype, torch.device("cpu"), BUFFERS_IN_FLIGHT * len(self.plans)
+                self._chunk,
+                dtype,
+                torch.device("cpu"),
+                (BUFFERS_IN_FLIGHT + self._chunks_ahead) * len(self.plans),
+                pinned=self._to_device is not None,
             )
         buffer = pool.acquire()
-        return buffer[: values.numel()].copy_(values), lambda: pool.release(buffer)
+        on_gpu = values.device.type == "cuda"
+        if on_gpu:
+            values = values.to(dtype)  # cast on the device: fewer bytes to bring back
+        return buffer[: values.numel()].copy_(values, non_blocking=on_gpu), lambda: pool.release(buffer)
 
 
 def _flat(checkpoint, tensor: TensorPlan | Run) -> torch.Tensor:
