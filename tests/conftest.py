@@ -69,6 +69,16 @@ def series(tmp_path, states) -> list[Path]:
     return save_series(tmp_path / "ckpts", states)
 
 
+def poisoned_series(folder: Path, states, name: str, index) -> list[Path]:
+    """The first four states saved as a series, with a NaN at `index` of tensor `name` in the third."""
+    paths = save_series(folder, states[:4])
+    bad = dict(states[2])
+    bad[name] = bad[name].clone()
+    bad[name][index] = float("nan")
+    save_file(bad, paths[2])
+    return paths
+
+
 def temp_files(folder: Path) -> list[Path]:
     """Leftovers of an output transaction anywhere under `folder`."""
     return [p for p in folder.rglob("*") if ".ckptavg-tmp" in p.name]

@@ -8,8 +8,8 @@ missing synchronisation would show as a wrong value.
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import save_series
-from safetensors.torch import load_file, save_file
+from conftest import poisoned_series, save_series
+from safetensors.torch import load_file
 
 import ckptavg
 from ckptavg.cli import main
@@ -70,17 +70,8 @@ def test_several_sigma_rel_outputs_from_one_pass(tmp_path, states):
         )
 
 
-def poisoned_series(tmp_path, states):
-    paths = save_series(tmp_path / "ckpts", states[:4])
-    bad = dict(states[2])
-    bad["fc.weight"] = bad["fc.weight"].clone()
-    bad["fc.weight"][-1, -1] = float("nan")
-    save_file(bad, paths[2])
-    return paths
-
-
 def test_nan_is_found_and_named_as_on_the_cpu(tmp_path, states):
-    paths = poisoned_series(tmp_path, states)
+    paths = poisoned_series(tmp_path / "ckpts", states, "fc.weight", (-1, -1))
     with pytest.raises(NonFiniteError, match=r"step_3\.safetensors: tensor 'fc\.weight' holds NaN or Inf"):
         ckptavg.average(paths, ckptavg.swa(), out=tmp_path / "o.safetensors", device="cuda")
     assert not (tmp_path / "o.safetensors").exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import save_series, temp_files
+from conftest import poisoned_series, save_series, temp_files
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save, save_file
@@ -156,12 +156,7 @@ class TestMalformedInputs:
 
 class TestNonFinite:
     def poisoned(self, tmp_path, states):
-        paths = save_series(tmp_path / "ckpts", states[:4])
-        bad = dict(states[2])
-        bad["conv.weight"] = bad["conv.weight"].clone()
-        bad["conv.weight"][0, 0, 0, 0] = float("nan")
-        save_file(bad, paths[2])
-        return paths
+        return poisoned_series(tmp_path / "ckpts", states, "conv.weight", (0, 0, 0, 0))
 
     def test_error_names_checkpoint_and_tensor(self, tmp_path, states):
         paths = self.poisoned(tmp_path, states)
