@@ -221,15 +221,14 @@ def _write(plans: list[Plan], *, device: str, progress: bool) -> list[Path]:
                 by_name.update((t.name, writer) for t in file.tensors)
             writers.append(by_name)
         with WriteQueue() as queue:
-            for tensor in first.work():
+            for tensor, parts in engine.stream(first.work()):
                 targets = first.targets(tensor) if isinstance(tensor, TensorPlan) else [tensor.name]
-                for parts in engine.chunks(tensor):
-                    for by_name, (start, chunk, release) in zip(writers, parts, strict=True):
-                        for i, name in enumerate(targets):
-                            last = i == len(targets) - 1
-                            queue.submit(
-                                by_name[name].write, name, start, chunk, release=release if last else None
-                            )
+                for by_name, (start, chunk, release) in zip(writers, parts, strict=True):
+                    for i, name in enumerate(targets):
+                        last = i == len(targets) - 1
+                        queue.submit(
+                            by_name[name].write, name, start, chunk, release=release if last else None
+                        )
             for writer in {id(w): w for by_name in writers for w in by_name.values()}.values():
                 queue.submit(writer.finish)
             queue.drain()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import math
 import queue
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -149,17 +149,29 @@ class Engine:
         self._to_device = _HostToDevice(self._chunk, device) if on_gpu else None
         self._chunks_ahead = 1 if on_gpu else 0  # let the GPU finish a chunk while the host reads the next
 
-    def chunks(self, tensor: TensorPlan) -> Iterator[list[Chunk]]:
-        """The output tensor's values in order, one chunk per plan at a time, as contiguous CPU tensors.
+    def stream(self, work: Iterable[TensorPlan | Run]) -> Iterator[tuple[TensorPlan | Run, list[Chunk]]]:
+        """Each output tensor's values, one chunk per plan at a time, as contiguous CPU tensors.
 
         Each chunk comes with its byte offset in the tensor and a `release`
         callback (or None): call it once the bytes are written, to hand the
-        buffer back.
+        buffer back. Chunks of a tensor come in order; on a GPU the next
+        tensor's first chunk is under way before the last one is handed out,
+        so the device does not idle at tensor boundaries.
         """
-        if tensor.averaged:
-            yield from self._average(tensor)
-        else:
-            yield from self._copy(tensor)
+        in_flight: collections.deque[tuple[TensorPlan | Run, list, _SummedChunk]] = collections.deque()
+        for tensor in work:
+            if not tensor.averaged:
+                yield from ((tensor, parts) for parts in self._copy(tensor))
+                continue
+            sources = self._sources(tensor)
+            out_dtype = dtypes.torch_dtype(tensor.dtype)
+            for start in range(0, tensor.numel, self._chunk):
+                count = min(self._chunk, tensor.numel - start)
+                in_flight.append((tensor, sources, self._sum(sources, start, count, out_dtype)))
+                if len(in_flight) > self._chunks_ahead:
+                    yield self._hand_out(*in_flight.popleft())
+        while in_flight:
+            yield self._hand_out(*in_flight.popleft())
 
     def _copy(self, tensor: TensorPlan) -> Iterator[list[Chunk]]:
         source = self.plan.last.get(tensor.name).reshape(-1)
@@ -175,22 +187,14 @@ class Engine:
             else:
                 yield [(offset, *self._cast_out(piece, out_dtype)) for _ in self.plans]
 
-    def _average(self, tensor: TensorPlan) -> Iterator[list[Chunk]]:
+    def _sources(self, tensor: TensorPlan | Run) -> list[tuple[int, torch.Tensor, list[float]]]:
+        """(checkpoint index, flat input, its weight in each plan) for every checkpoint that counts."""
         weight_sets = [plan.weights for plan in self.plans]
-        sources = [
+        return [
             (index, _flat(ck, tensor), [weights[index] for weights in weight_sets])
             for index, ck in enumerate(self.plan.checkpoints)
             if any(weights[index] != 0.0 for weights in weight_sets)
         ]
-        out_dtype = dtypes.torch_dtype(tensor.dtype)
-        in_flight: collections.deque[_SummedChunk] = collections.deque()
-        for start in range(0, tensor.numel, self._chunk):
-            count = min(self._chunk, tensor.numel - start)
-            in_flight.append(self._sum(sources, start, count, out_dtype))
-            if len(in_flight) > self._chunks_ahead:
-                yield self._hand_out(tensor, sources, in_flight.popleft(), out_dtype)
-        while in_flight:
-            yield self._hand_out(tensor, sources, in_flight.popleft(), out_dtype)
 
     def _sum(self, sources: list, start: int, count: int, out_dtype: torch.dtype) -> _SummedChunk:
         """Queue one chunk's weighted sums (one per plan) and their way back to the host."""
@@ -226,8 +230,8 @@ class Engine:
         return _SummedChunk(start, count, accumulators, spare, totals, outputs, done)
 
     def _hand_out(
-        self, tensor: TensorPlan, sources: list, chunk: _SummedChunk, out_dtype: torch.dtype
-    ) -> list[Chunk]:
+        self, tensor: TensorPlan | Run, sources: list, chunk: _SummedChunk
+    ) -> tuple[TensorPlan | Run, list[Chunk]]:
         """The chunk's results for the writer, once they are on the host and checked."""
         if chunk.done is not None:
             chunk.done.synchronize()
@@ -241,8 +245,8 @@ class Engine:
                 self._nonfinite(culprit, bad[0] if bad else None)
         for buffer in chunk.spare:
             self._accumulators.release(buffer)
-        offset = chunk.start * out_dtype.itemsize
-        return [(offset, values, release) for values, release in chunk.outputs]
+        offset = chunk.start * dtypes.itemsize(tensor.dtype)
+        return tensor, [(offset, values, release) for values, release in chunk.outputs]
 
     def _nonfinite(self, tensor: TensorPlan, index: int | None) -> None:
         """Apply the plans' policy to a NaN or Inf in checkpoint `index`'s `tensor`."""
