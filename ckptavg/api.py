@@ -186,7 +186,7 @@ def run_plans(plans: Sequence[Plan], *, device: str = "cpu", progress: bool = Fa
 def _write(plans: list[Plan], *, device: str, progress: bool) -> list[Path]:
     from tqdm.auto import tqdm
 
-    from .engine import Engine, resolve_device
+    from .engine import Engine, beside_a_writer_thread, resolve_device
     from .pipeline import WriteQueue
 
     first = plans[0]
@@ -220,7 +220,7 @@ def _write(plans: list[Plan], *, device: str, progress: bool) -> list[Path]:
                 writer = output.safetensors(file.name, [t.entry for t in file.tensors], meta, path=stream)
                 by_name.update((t.name, writer) for t in file.tensors)
             writers.append(by_name)
-        with WriteQueue() as queue:
+        with WriteQueue() as queue, beside_a_writer_thread():
             for tensor, parts in engine.stream(first.work()):
                 targets = first.targets(tensor) if isinstance(tensor, TensorPlan) else [tensor.name]
                 for by_name, (start, chunk, release) in zip(writers, parts, strict=True):

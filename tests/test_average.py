@@ -92,6 +92,31 @@ class TestEngine:
             torch.float32,
         )
 
+    def test_sums_leave_a_core_to_the_writer_then_restore_torch_threads(self, tmp_path, series, monkeypatch):
+        from ckptavg.engine import Engine
+
+        seen, real_sum, failing = [], Engine._sum, []
+
+        def observed_sum(self, *args):
+            seen.append(torch.get_num_threads())
+            if failing:
+                raise RuntimeError("interrupted mid-run")
+            return real_sum(self, *args)
+
+        monkeypatch.setattr(Engine, "_sum", observed_sum)
+        before = torch.get_num_threads()
+        torch.set_num_threads(3)
+        try:
+            ckptavg.average(series, ckptavg.swa(), out=tmp_path / "a.safetensors")
+            assert torch.get_num_threads() == 3
+            failing.append(True)
+            with pytest.raises(RuntimeError, match="interrupted"):
+                ckptavg.average(series, ckptavg.swa(), out=tmp_path / "b.safetensors")
+            assert torch.get_num_threads() == 3
+        finally:
+            torch.set_num_threads(before)
+        assert len(seen) > 1 and set(seen) == {2}
+
     def test_inputs_may_mix_dtypes_per_tensor(self, tmp_path, states):
         fp32 = save_series(tmp_path / "a", states[:2], name="step_{}")
         bf16 = save_series(tmp_path / "b", states[2:], dtype=torch.bfloat16, name="step_{}")
