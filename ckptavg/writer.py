@@ -294,12 +294,15 @@ def ensure_free_space(target: Path, nbytes: int) -> None:
 
 @cache
 def _sync_file_range():
-    """libc's sync_file_range (Linux), or None where there is none."""
+    """libc's sync_file_range (Linux), or None where there is none.
+
+    Looked up among the symbols already loaded into the process: `find_library`
+    would run `ldconfig -p` in a child process on every run.
+    """
     import ctypes
-    import ctypes.util
 
     try:
-        function = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).sync_file_range
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):
         return None
     function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)

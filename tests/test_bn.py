@@ -256,30 +256,21 @@ class TestBadInput:
             run_bn(weights, "bn_sources:broken", tmp_path / "out.safetensors")
 
 
+def bn_update(weights, image_folder, *options, model=MODEL):
+    """`ckptavg bn-update` of the test weights over the test images, with a 10-class model."""
+    kwargs = ["--model-kwargs", '{"num_classes": 10}'] if model == MODEL else []
+    return CliRunner().invoke(
+        main, ["bn-update", str(weights), "--model", model, *kwargs, "--data", str(image_folder), *options]
+    )
+
+
 class TestCommandLine:
     def test_bn_update(self, tmp_path, weights, image_folder):
-        result = CliRunner().invoke(
-            main,
-            [
-                "bn-update",
-                str(weights),
-                "--model",
-                MODEL,
-                "--model-kwargs",
-                '{"num_classes": 10}',
-                "--data",
-                str(image_folder),
-                "--image-size",
-                "32",
-                "--resize-size",
-                "36",
-                "--batch-size",
-                "8",
-                "--workers",
-                "0",
-                "-o",
-                str(tmp_path / "out.safetensors"),
-            ],
+        result = bn_update(
+            weights,
+            image_folder,
+            *("--image-size", "32", "--resize-size", "36", "--batch-size", "8", "--workers", "0"),
+            *("-o", str(tmp_path / "out.safetensors")),
         )
         assert result.exit_code == 0, result.output
         assert "recomputed BatchNorm statistics over 24 inputs in 3 batches" in result.output
@@ -288,20 +279,7 @@ class TestCommandLine:
         assert_statistics_match(load_file(tmp_path / "out.safetensors"), expected, load_file(weights))
 
     def test_dry_run_checks_model_weights_and_data(self, tmp_path, weights, image_folder):
-        result = CliRunner().invoke(
-            main,
-            [
-                "bn-update",
-                str(weights),
-                "--model",
-                MODEL,
-                "--model-kwargs",
-                '{"num_classes": 10}',
-                "--data",
-                str(image_folder),
-                "--dry-run",
-            ],
-        )
+        result = bn_update(weights, image_folder, "--dry-run")
         assert result.exit_code == 0, result.output
         assert "20 BatchNorm layers, the weights fit" in result.output
         assert "(24 of 24 images)" in result.output
@@ -313,18 +291,8 @@ class TestCommandLine:
         assert result.exit_code == 2 and "add --model" in result.output
 
     def test_errors_are_one_line(self, tmp_path, weights, image_folder):
-        result = CliRunner().invoke(
-            main,
-            [
-                "bn-update",
-                str(weights),
-                "--model",
-                "torch.nn:Identity",
-                "--data",
-                str(image_folder),
-                "-o",
-                str(tmp_path / "o.safetensors"),
-            ],
+        result = bn_update(
+            weights, image_folder, "-o", str(tmp_path / "o.safetensors"), model="torch.nn:Identity"
         )
         assert result.exit_code == 1
         assert result.output.strip().count("\n") == 0 and "no BatchNorm layer" in result.output

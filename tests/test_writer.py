@@ -1,5 +1,7 @@
 import json
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -107,6 +109,22 @@ class TestSafetensorsWriter:
     def test_reserved_name_is_refused(self, tmp_path):
         with pytest.raises(OutputError, match="named '__metadata__', which safetensors reserves"):
             SafetensorsWriter(tmp_path / "x.safetensors", [Entry("__metadata__", "F32", (1,))], {})
+
+    def test_writing_starts_no_other_process(self, tmp_path):
+        """Starting writeback early must not cost a child process (ctypes' find_library runs ldconfig)."""
+        script = f"""
+import sys, torch, ckptavg.writer as writer
+writer.WRITEBACK_BYTES = 1  # start writeback after every write
+sys.addaudithook(lambda event, args: event.startswith(("subprocess", "os.fork", "os.posix_spawn"))
+                 and sys.exit(f"started a process: {{event}} {{args}}"))
+out = writer.Path({str(tmp_path / "o.safetensors")!r})
+w = writer.SafetensorsWriter(out, [writer.Entry("t", "F32", (4,))], {{}})
+w.write("t", 0, torch.ones(4))
+w.finish()
+"""
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert torch.equal(load_file(tmp_path / "o.safetensors")["t"], torch.ones(4))
 
     def test_short_data_is_an_error(self, tmp_path):
         writer = SafetensorsWriter(tmp_path / "x.safetensors", [Entry("x", "F32", (4,))], {})
