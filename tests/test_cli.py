@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ckptavg.cli import main
 
@@ -133,6 +133,33 @@ class TestInstalledProgram:
         )
         assert done.returncode == 0, done.stderr
         assert "fc.weight" in load_file(tmp_path / "swa.safetensors")
+        assert "wrote" in done.stdout.splitlines()[-1]  # piped output is flushed before the quick exit
+
+    def test_exit_handlers_still_run_after_the_quick_exit(self, tmp_path):
+        marker = tmp_path / "handler-ran"
+        code = (
+            f"import atexit, pathlib, sys\natexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes')\n"
+            "sys.argv = ['ckptavg', '--version']\nfrom ckptavg.cli import run\nrun()"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert done.returncode == 0 and "ckptavg, version" in done.stdout
+        assert marker.read_text() == "yes"
+
+    def test_usage_error_exit_code(self, tmp_path, series):
+        done = subprocess.run([CKPTAVG, "swa", *series, "--bogus"], capture_output=True, text=True)
+        assert done.returncode == 2 and "No such option '--bogus'" in done.stderr
+
+    def test_a_reader_that_stops_early_ends_it_quietly(self, tmp_path):
+        save_file({f"layer.{i}.weight": torch.ones(2) for i in range(3000)}, tmp_path / "many.safetensors")
+        process = subprocess.Popen(
+            [CKPTAVG, "inspect", tmp_path / "many.safetensors"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert process.stdout.readline().strip().endswith(b"many.safetensors")
+        process.stdout.close()  # as `| head -1` does
+        stderr = process.stderr.read()
+        assert process.wait() == 1 and stderr == b""
 
     def test_error_exit_code_and_single_line(self, tmp_path):
         done = subprocess.run(
