@@ -52,9 +52,10 @@ def resolve_device(device: str) -> torch.device:
 def beside_a_writer_thread() -> Iterator[None]:
     """Sum with one torch thread fewer while a writer thread copies results into files.
 
-    The sums are memory-bound and gain little from the last core, while the
-    writer and the kernel's writeback, starved of one, fall behind: on 2 cores
-    whole runs took 8% less time and 28% less CPU with one compute thread.
+    Alone, the sums run fastest on every core; beside them the writer's copies
+    into the page cache and the kernel's writeback, starved of CPU, fall behind.
+    On 2 cores whole runs took 8% less time and 28% less CPU with one compute
+    thread than with two.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads - 1))
