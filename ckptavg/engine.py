@@ -255,7 +255,7 @@ class Engine:
             chunk.done.synchronize()
         for acc, total in zip(chunk.accumulators, chunk.totals.tolist(), strict=True):
             # A NaN or Inf in any input reaches the sum: one cheap check per chunk, riding along.
-            if not math.isfinite(total) and not bool(torch.isfinite(acc).all()):
+            if not _finite(acc, total):
                 where = int(torch.isfinite(acc).logical_not().nonzero()[0])
                 culprit = tensor.member_at(chunk.start + where) if isinstance(tensor, Run) else tensor
                 window = slice(chunk.start, chunk.start + chunk.count)
@@ -321,7 +321,9 @@ def _flat(checkpoint, tensor: TensorPlan | Run) -> torch.Tensor:
     return checkpoint.get(tensor.name).reshape(-1)
 
 
-def _finite(values: torch.Tensor) -> bool:
-    """No NaN or Inf. A NaN or Inf reaches the sum, so one reduction decides; the exact test
-    runs only when the sum is not finite (it may also overflow)."""
-    return math.isfinite(values.sum().item()) or bool(torch.isfinite(values).all())
+def _finite(values: torch.Tensor, total: float | None = None) -> bool:
+    """No NaN or Inf. A NaN or Inf reaches the sum (`total`, if already known), so one reduction
+    decides; the exact test runs only when the sum is not finite (it may also overflow)."""
+    if total is None:
+        total = values.sum().item()
+    return math.isfinite(total) or bool(torch.isfinite(values).all())

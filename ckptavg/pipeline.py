@@ -62,9 +62,7 @@ class WriteQueue:
             try:
                 self._stopped.get()
                 break
-            except (
-                KeyboardInterrupt
-            ) as e:  # a second Ctrl-C: still wait, the files must not close under a write
+            except KeyboardInterrupt as e:  # a second Ctrl-C: wait still, files must not close mid-write
                 self._cancelled = True
                 interrupted = e
         if interrupted is not None:
