@@ -18,6 +18,7 @@ from math import prod
 from pathlib import Path
 
 from . import __version__, dtypes
+from .direct import STAGING_BUFFERS, STAGING_BYTES
 from .errors import MismatchError, OutputError, name_list
 from .readers import Checkpoint
 from .schedules import Schedule, effective_count, implied_sigma_rel
@@ -207,12 +208,13 @@ class Plan:
 
     @property
     def working_bytes(self) -> int:
-        """Most the engine's buffers can take: accumulators, a cast scratch, output chunks per dtype."""
+        """Most the buffers can take: accumulators, a cast scratch, output chunks per dtype, and the
+        writer's staging for writes past the page cache."""
         averaged = [t for t in self.tensors if t.averaged]
         elements = min(max((t.numel for t in averaged), default=0), CHUNK_ELEMENTS)
         accumulators = (BUFFERS_IN_FLIGHT + 1) * dtypes.itemsize(self.accum_dtype)
         outputs = BUFFERS_IN_FLIGHT * sum(dtypes.itemsize(d) for d in {t.dtype for t in averaged})
-        return elements * (accumulators + outputs)
+        return elements * (accumulators + outputs) + STAGING_BYTES * STAGING_BUFFERS
 
     def metadata(self) -> dict[str, str]:
         """Provenance stored in the output's `__metadata__` (all values are strings).

@@ -24,6 +24,7 @@ from functools import cache
 from pathlib import Path
 
 from . import dtypes
+from .direct import DirectAppender
 from .errors import OutputError
 from .units import format_bytes
 
@@ -80,15 +81,21 @@ def encode_header(entries: Sequence[Entry], metadata: dict[str, str]) -> bytes:
 
 
 class SafetensorsWriter:
-    """Writes one safetensors file: the header at once, then each tensor's bytes at its offset.
+    """Writes one safetensors file: the header, then each tensor's bytes at its offset.
 
-    Writes are positioned (`pwrite`), so a chunk can go to several tensors (tied
-    weights) and the order of writes does not matter; `finish` checks that every
-    declared byte was written.
+    Bytes that arrive in file order, as the engine hands them out, are appended
+    past the page cache (see `direct`) where the file system allows it. The
+    first write elsewhere (a tied weight's copy) ends that: from then on writes
+    are positioned (`pwrite`) through the page cache, so a chunk can go to
+    several tensors and the order of writes does not matter. `finish` checks
+    that every declared byte was written.
     """
 
-    def __init__(self, path: Path, entries: Sequence[Entry], metadata: dict[str, str]):
+    def __init__(
+        self, path: Path, entries: Sequence[Entry], metadata: dict[str, str], label: Path | None = None
+    ):
         self.path = path
+        self.label = label or path  # the file's name in error messages: the output, not its temporary name
         header = encode_header(entries, metadata)
         self._expected = sum(entry.nbytes for entry in entries)
         self._written = 0
@@ -99,7 +106,14 @@ class SafetensorsWriter:
             self._offsets[entry.name] = offset
             offset += entry.nbytes
         self._file = open(path, "xb", buffering=0)  # noqa: SIM115 (closed in finish/abort)
-        self._write_all(memoryview(header), 0)
+        self._direct = DirectAppender.open(path, header, self.label)
+        if self._direct is None:
+            self._write_all(memoryview(header), 0)
+
+    @property
+    def direct(self) -> bool:
+        """Whether bytes written now bypass the page cache."""
+        return self._direct is not None
 
     def write(self, name: str, start: int, tensor) -> None:
         """Write a contiguous CPU tensor's bytes into tensor `name`, `start` bytes into its data."""
@@ -110,8 +124,14 @@ class SafetensorsWriter:
         raw = tensor.reshape(-1).view(torch.uint8).numpy()
         self._written += raw.nbytes
         if self._written > self._expected:
-            raise OutputError(f"{self.path}: more data than the header declares (internal error)")
-        self._write_all(memoryview(raw), self._offsets[name] + start)
+            raise OutputError(f"{self.label}: more data than the header declares (internal error)")
+        offset = self._offsets[name] + start
+        if self._direct is not None:
+            if offset == self._direct.position:
+                self._direct.append(memoryview(raw))
+                return
+            self._end_direct()
+        self._write_all(memoryview(raw), offset)
         self._unflushed += raw.nbytes
         if self._unflushed >= WRITEBACK_BYTES:
             _start_writeback(self._file.fileno())
@@ -121,20 +141,32 @@ class SafetensorsWriter:
         """Check every declared byte was written, then flush to disk."""
         if self._written != self._expected:
             raise OutputError(
-                f"{self.path}: wrote {self._written} of {self._expected} data bytes (internal error)"
+                f"{self.label}: wrote {self._written} of {self._expected} data bytes (internal error)"
             )
+        if self._direct is not None:
+            self._end_direct()
         os.fsync(self._file.fileno())
         self._file.close()
 
     def abort(self) -> None:
-        self._file.close()
+        try:
+            if self._direct is not None:
+                self._direct.abort()
+        finally:
+            self._file.close()
+
+    def _end_direct(self) -> None:
+        """Stop appending past the page cache; what was still staged is written the ordinary way."""
+        direct, self._direct = self._direct, None
+        staged, offset = direct.close()
+        self._write_all(staged, offset)
 
     def _write_all(self, data: memoryview, offset: int) -> None:
         while data:
             try:
                 count = os.pwrite(self._file.fileno(), data, offset)
             except OSError as e:
-                raise OutputError(f"{self.path}: write failed: {e.strerror or e}") from e
+                raise OutputError(f"{self.label}: write failed: {e.strerror or e}") from e
             data = data[count:]
             offset += count
 
@@ -188,7 +220,8 @@ class OutputTransaction:
     ) -> SafetensorsWriter:
         """A writer for file `name` of the output (or for `path`, such as a scratch file)."""
         try:
-            writer = SafetensorsWriter(path or self.path_of(name), entries, metadata)
+            label = self.target / name if self.folder else self.target
+            writer = SafetensorsWriter(path or self.path_of(name), entries, metadata, label)
         except OSError as e:
             raise OutputError(f"{self.target}: cannot create {name}: {e.strerror or e}") from e
         self._writers.append(writer)

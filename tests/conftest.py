@@ -82,3 +82,27 @@ def poisoned_series(folder: Path, states, name: str, index) -> list[Path]:
 def temp_files(folder: Path) -> list[Path]:
     """Leftovers of an output transaction anywhere under `folder`."""
     return [p for p in folder.rglob("*") if ".ckptavg-tmp" in p.name]
+
+
+def require_o_direct(folder: Path) -> None:
+    """Skip unless files in `folder` can be opened for writing with O_DIRECT."""
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+    probe = folder / "o_direct.probe"
+    probe.touch()
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
+    except OSError:
+        pytest.skip("the temporary folder's file system refuses O_DIRECT")
+    finally:
+        probe.unlink()
+
+
+@pytest.fixture(params=["direct", "page-cache"])
+def output_io(request, tmp_path, monkeypatch) -> str:
+    """Outputs written past the page cache (O_DIRECT), or through it as where there is no O_DIRECT."""
+    if request.param == "page-cache":
+        monkeypatch.delattr(os, "O_DIRECT", raising=False)  # as on macOS
+    else:
+        require_o_direct(tmp_path)
+    return request.param

@@ -255,6 +255,37 @@ class TestOutputSafety:
         finally:
             subprocess.run(["umount", str(mount)], check=False)
 
+    @pytest.mark.skipif(not CKPTAVG.exists(), reason="ckptavg is not installed next to this Python")
+    def test_a_write_refused_midway(self, tmp_path, output_io):
+        """A file size limit (`ulimit -f`) stops the writes after 8 MB of a 24 MB output."""
+        import resource
+
+        inputs = [tmp_path / f"s{i}.safetensors" for i in range(2)]
+        for i, path in enumerate(inputs):
+            save_file({"w": torch.full((6, 2**20), float(i))}, path)
+        out = tmp_path / "out" / "o.safetensors"
+        out.parent.mkdir()
+        out.write_bytes(b"the previous average")
+        if output_io == "page-cache":  # the child process must write through the page cache too
+            script = (
+                "import os, sys; del os.O_DIRECT; from ckptavg.cli import run; sys.argv[0] = 'ckptavg'; run()"
+            )
+            command = [sys.executable, "-c", script]
+        else:
+            command = [CKPTAVG]
+        limit = 8 * 2**20
+        result = subprocess.run(
+            [*command, "swa", *map(str, inputs), "-o", str(out), "--force"],
+            capture_output=True,
+            text=True,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+        )
+        assert result.returncode == 1, result.stderr
+        assert f"error: {out}: write failed: File too large" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert out.read_bytes() == b"the previous average"
+        assert temp_files(tmp_path) == []
+
 
 @pytest.fixture(scope="module")
 def big_inputs(tmp_path_factory):

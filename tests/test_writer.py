@@ -1,15 +1,18 @@
 import json
+import os
 import struct
 import subprocess
 import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
+from conftest import require_o_direct
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ckptavg import direct
 from ckptavg.dtypes import safetensors_name
 from ckptavg.errors import OutputError
 from ckptavg.writer import Entry, OutputTransaction, SafetensorsWriter, layout_order
@@ -51,12 +54,27 @@ def write_dict(path, tensors, metadata=None):
     writer.finish()
 
 
+@pytest.fixture
+def small_staging(monkeypatch):
+    """One-page staging buffers, made durable every two: small tensors then take every path of `direct`."""
+    monkeypatch.setattr(direct, "STAGING_BYTES", 4096)
+    monkeypatch.setattr(direct, "DURABLE_EVERY_BYTES", 8192)
+
+
+def in_chunks(writer, name, tensor, elements):
+    """Write `tensor` into `name` piece by piece, as the engine hands out chunks."""
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), elements):
+        writer.write(name, start * flat.element_size(), flat[start : start + elements])
+
+
 def header(path):
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         return length, json.loads(f.read(length))
 
 
+@pytest.mark.usefixtures("small_staging", "output_io")
 class TestSafetensorsWriter:
     @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
     def test_round_trip_every_dtype(self, tmp_path, dtype):
@@ -133,7 +151,7 @@ w.finish()
             writer.finish()
         writer.abort()
 
-    @settings(max_examples=40, deadline=None)
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(
         st.dictionaries(
             st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=12).filter(
@@ -156,6 +174,46 @@ w.finish()
             assert torch.equal(
                 loaded[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)
             )
+
+
+@pytest.mark.usefixtures("small_staging")
+class TestWritingPastThePageCache:
+    def test_writes_in_file_order_bypass_it(self, tmp_path):
+        require_o_direct(tmp_path)
+        tensors = {"a": sample(torch.float32, (3001,)), "b": sample(torch.bfloat16, (5003,), seed=1)}
+        save_file(tensors, tmp_path / "theirs.safetensors")
+        entries = layout_order(
+            Entry(n, safetensors_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()
+        )
+        writer = SafetensorsWriter(tmp_path / "ours.safetensors", entries, {})
+        for entry in entries:
+            in_chunks(writer, entry.name, tensors[entry.name], 1000)
+            assert writer.direct
+        writer.finish()
+        assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
+
+    def test_a_write_elsewhere_goes_through_it_from_then_on(self, tmp_path):
+        require_o_direct(tmp_path)
+        a, b = sample(torch.float32, (3001,)), sample(torch.float32, (10,), seed=1)
+        writer = SafetensorsWriter(
+            tmp_path / "x.safetensors", [Entry("a", "F32", (3001,)), Entry("b", "F32", (10,))], {}
+        )
+        writer.write("a", 0, a[:1500])
+        assert writer.direct
+        writer.write("b", 0, b)  # skips the rest of a, as a tied weight's copy does
+        assert not writer.direct
+        writer.write("a", 1500 * 4, a[1500:])
+        writer.finish()
+        loaded = load_file(tmp_path / "x.safetensors")
+        assert torch.equal(loaded["a"], a) and torch.equal(loaded["b"], b)
+
+    def test_abort_midway_closes_everything(self, tmp_path):
+        require_o_direct(tmp_path)
+        open_files = len(os.listdir("/proc/self/fd"))
+        writer = SafetensorsWriter(tmp_path / "x.safetensors", [Entry("a", "F32", (30000,))], {})
+        in_chunks(writer, "a", sample(torch.float32, (20000,)), 1000)
+        writer.abort()
+        assert len(os.listdir("/proc/self/fd")) == open_files
 
 
 class TestOutputTransaction:
