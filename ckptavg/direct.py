@@ -3,16 +3,11 @@
 Written normally, every output byte is first copied into the page cache, and
 the kernel then spends more CPU writing those pages back. On 2 cores that is
 CPU the sums need. With its output written with `O_DIRECT`, and the sums on
-every core, a whole `ckptavg swa` of 8 x 1 GB took 0.86x the time (median of 8
-interleaved pairs). `O_DIRECT` asks for aligned memory, offsets and lengths, so
+every core, a whole `ckptavg swa` of 8 x 1 GB took 0.93x the time (median of 12
+interleaved rounds). `O_DIRECT` asks for aligned memory, offsets and lengths, so
 appended bytes are gathered into page-aligned staging buffers, and an I/O
 thread writes each full one while the next fills. What is still staged at the
 end (less than a buffer) is handed back to be written the ordinary way.
-
-The I/O thread also asks the disk to make what it holds durable (`fdatasync`)
-every `DURABLE_EVERY_BYTES`, so the final `fsync` has little left to wait for.
-On a virtual disk that defers its writes until asked, that took the 8 GB
-average's own time (past start-up) from 2.4-3.4 s to 1.9-2.2 s.
 """
 
 from __future__ import annotations
@@ -27,7 +22,6 @@ from .pipeline import WriteQueue
 
 STAGING_BYTES = 4 * 2**20  # a multiple of every block size O_DIRECT aligns to
 STAGING_BUFFERS = 4
-DURABLE_EVERY_BYTES = 32 * 2**20
 
 
 class DirectAppender:
@@ -48,7 +42,6 @@ class DirectAppender:
         self._base = 0  # file offset of the current buffer's first byte
         self._fill = 0
         self._io: WriteQueue | None = None
-        self._not_durable = 0  # bytes written since the last fdatasync (I/O thread only)
 
     @classmethod
     def open(cls, path: Path, first_bytes: bytes, label: Path) -> DirectAppender | None:
@@ -120,10 +113,6 @@ class DirectAppender:
             while data:
                 count = os.pwrite(self._fd, data, offset)
                 data, offset = data[count:], offset + count
-            self._not_durable += len(buffer)
-            if self._not_durable >= DURABLE_EVERY_BYTES:
-                os.fdatasync(self._fd)
-                self._not_durable = 0
         except OSError as e:
             raise OutputError(f"{self.label}: write failed: {e.strerror or e}") from e
 

@@ -56,9 +56,8 @@ def write_dict(path, tensors, metadata=None):
 
 @pytest.fixture
 def small_staging(monkeypatch):
-    """One-page staging buffers, made durable every two: small tensors then take every path of `direct`."""
+    """One-page staging buffers: small tensors then take every path of `direct`."""
     monkeypatch.setattr(direct, "STAGING_BYTES", 4096)
-    monkeypatch.setattr(direct, "DURABLE_EVERY_BYTES", 8192)
 
 
 def in_chunks(writer, name, tensor, elements):
