@@ -124,18 +124,33 @@ def ensure_tiny() -> list[Path]:
 
 
 def rss_anon_kb(pid: int) -> int:
-    """RssAnon of a process and its descendants, in kB (0 once it has exited)."""
-    total = 0
+    """Anonymous memory of a process and its descendants, in kB (0 once it has exited).
+
+    The process counts its RssAnon. A descendant counts only its private dirty
+    pages: a child forked but not yet exec'd (torch's import runs `ldconfig -p`
+    so) shares its parent's pages, which its RssAnon would count a second time.
+    """
+    return _field_kb(f"/proc/{pid}/status", "RssAnon:") + _descendants_kb(pid)
+
+
+def _descendants_kb(pid: int) -> int:
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    total += int(line.split()[1])
         with open(f"/proc/{pid}/task/{pid}/children") as f:
             children = [int(c) for c in f.read().split()]
     except (FileNotFoundError, ProcessLookupError):
-        return total
-    return total + sum(rss_anon_kb(child) for child in children)
+        return 0
+    return sum(_field_kb(f"/proc/{c}/smaps_rollup", "Private_Dirty:") + _descendants_kb(c) for c in children)
+
+
+def _field_kb(path: str, field: str) -> int:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return 0
 
 
 def measure(command: list[str]) -> tuple[float, float]:
