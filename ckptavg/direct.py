@@ -14,14 +14,24 @@ from __future__ import annotations
 
 import mmap
 import os
-import queue
 from pathlib import Path
 
 from .errors import OutputError
-from .pipeline import WriteQueue
+from .pipeline import BufferPool, WriteQueue
 
 STAGING_BYTES = 4 * 2**20  # a multiple of every block size O_DIRECT aligns to
 STAGING_BUFFERS = 4
+
+
+def write_at(fd: int, data: memoryview, offset: int, label: Path) -> None:
+    """Write all of `data` at `offset` (`pwrite` may write less than asked); errors name `label`."""
+    while data:
+        try:
+            count = os.pwrite(fd, data, offset)
+        except OSError as e:
+            raise OutputError(f"{label}: write failed: {e.strerror or e}") from e
+        data = data[count:]
+        offset += count
 
 
 class DirectAppender:
@@ -36,8 +46,8 @@ class DirectAppender:
         self.position = len(first_bytes)
         self._fd = fd
         self._waiting = first_bytes
-        self._free: queue.SimpleQueue = queue.SimpleQueue()
-        self._made = 0
+        # anonymous maps are page-aligned
+        self._buffers = BufferPool(lambda: mmap.mmap(-1, STAGING_BYTES), STAGING_BUFFERS)
         self._buffer: mmap.mmap | None = None
         self._base = 0  # file offset of the current buffer's first byte
         self._fill = 0
@@ -82,7 +92,7 @@ class DirectAppender:
     def _stage(self, data: memoryview) -> None:
         while data:
             if self._buffer is None:
-                self._buffer = self._take_buffer()
+                self._buffer = self._buffers.acquire()
             count = min(len(data), STAGING_BYTES - self._fill)
             self._buffer[self._fill : self._fill + count] = data[:count]
             self._fill += count
@@ -93,28 +103,17 @@ class DirectAppender:
                 self._base += STAGING_BYTES
                 self._fill = 0
 
-    def _take_buffer(self) -> mmap.mmap:
-        try:
-            return self._free.get_nowait()
-        except queue.Empty:
-            if self._made < STAGING_BUFFERS:
-                self._made += 1
-                return mmap.mmap(-1, STAGING_BYTES)  # anonymous maps are page-aligned
-            return self._free.get()
-
     def _submit(self, buffer: mmap.mmap, offset: int) -> None:
         if self._io is None:
             self._io = WriteQueue().__enter__()
-        self._io.submit(self._write, buffer, offset, release=lambda: self._free.put(buffer))
-
-    def _write(self, buffer: mmap.mmap, offset: int) -> None:
-        data = memoryview(buffer)
-        try:
-            while data:
-                count = os.pwrite(self._fd, data, offset)
-                data, offset = data[count:], offset + count
-        except OSError as e:
-            raise OutputError(f"{self.label}: write failed: {e.strerror or e}") from e
+        self._io.submit(
+            write_at,
+            self._fd,
+            memoryview(buffer),
+            offset,
+            self.label,
+            release=lambda: self._buffers.release(buffer),
+        )
 
     def _stop(self, *, failed: bool) -> None:
         try:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import math
-import queue
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torch
 
 from . import dtypes
 from .errors import CkptavgError, NonFiniteError
+from .pipeline import BufferPool
 from .plan import BUFFERS_IN_FLIGHT, CHUNK_ELEMENTS, Plan, Run, TensorPlan
 
 Release = Callable[[], None] | None
@@ -65,28 +65,10 @@ def beside_a_writer_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-class _BufferPool:
-    """Up to `limit` equal buffers, made on first need; `acquire` waits for one to be released."""
-
-    def __init__(
-        self, elements: int, dtype: torch.dtype, device: torch.device, limit: int, pinned: bool = False
-    ):
-        self._make = lambda: torch.empty(elements, dtype=dtype, device=device, pin_memory=pinned)
-        self._free: queue.SimpleQueue = queue.SimpleQueue()
-        self._made = 0
-        self._limit = limit
-
-    def acquire(self) -> torch.Tensor:
-        try:
-            return self._free.get_nowait()
-        except queue.Empty:
-            if self._made < self._limit:
-                self._made += 1
-                return self._make()
-            return self._free.get()
-
-    def release(self, buffer: torch.Tensor) -> None:
-        self._free.put(buffer)
+def _tensor_pool(
+    elements: int, dtype: torch.dtype, device: torch.device, limit: int, pinned: bool = False
+) -> BufferPool[torch.Tensor]:
+    return BufferPool(lambda: torch.empty(elements, dtype=dtype, device=device, pin_memory=pinned), limit)
 
 
 class _HostToDevice:
@@ -160,9 +142,9 @@ class Engine:
         self._on_read = on_read or (lambda nbytes: None)
         self._chunk = max(1, min(CHUNK_ELEMENTS, max((t.numel for t in self.plan.tensors), default=1)))
         accum = dtypes.torch_dtype(self.plan.accum_dtype)
-        self._accumulators = _BufferPool(self._chunk, accum, device, BUFFERS_IN_FLIGHT * len(self.plans))
-        self._scratch = _BufferPool(self._chunk, accum, device, 1)
-        self._outputs: dict[torch.dtype, _BufferPool] = {}
+        self._accumulators = _tensor_pool(self._chunk, accum, device, BUFFERS_IN_FLIGHT * len(self.plans))
+        self._scratch = _tensor_pool(self._chunk, accum, device, 1)
+        self._outputs: dict[torch.dtype, BufferPool[torch.Tensor]] = {}
         on_gpu = device.type == "cuda"
         self._to_device = _HostToDevice(self._chunk, device) if on_gpu else None
         self._chunks_ahead = 1 if on_gpu else 0  # let the GPU finish a chunk while the host reads the next
@@ -300,7 +282,7 @@ class Engine:
         """`values` cast into a pooled CPU buffer of the output dtype (asynchronously from a GPU)."""
         pool = self._outputs.get(dtype)
         if pool is None:
-            pool = self._outputs[dtype] = _BufferPool(
+            pool = self._outputs[dtype] = _tensor_pool(
                 self._chunk,
                 dtype,
                 torch.device("cpu"),

@@ -19,9 +19,38 @@ from __future__ import annotations
 import _thread
 import queue
 from collections.abc import Callable
+from typing import Generic, TypeVar
+
+Buffer = TypeVar("Buffer")
 
 _STOP = object()
 _DRAIN = object()
+
+
+class BufferPool(Generic[Buffer]):
+    """Up to `limit` buffers from `make`, made on first need; `acquire` waits for one to be released.
+
+    Whoever hands a buffer to the writer thread passes `release` along, so the
+    producer blocks here, not in memory growth, when writing falls behind.
+    """
+
+    def __init__(self, make: Callable[[], Buffer], limit: int):
+        self._make = make
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        self._made = 0
+        self._limit = limit
+
+    def acquire(self) -> Buffer:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            if self._made < self._limit:
+                self._made += 1
+                return self._make()
+            return self._free.get()
+
+    def release(self, buffer: Buffer) -> None:
+        self._free.put(buffer)
 
 
 class WriteQueue:

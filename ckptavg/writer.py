@@ -24,7 +24,7 @@ from functools import cache
 from pathlib import Path
 
 from . import dtypes
-from .direct import DirectAppender
+from .direct import DirectAppender, write_at
 from .errors import OutputError
 from .units import format_bytes
 
@@ -162,13 +162,7 @@ class SafetensorsWriter:
         self._write_all(staged, offset)
 
     def _write_all(self, data: memoryview, offset: int) -> None:
-        while data:
-            try:
-                count = os.pwrite(self._file.fileno(), data, offset)
-            except OSError as e:
-                raise OutputError(f"{self.label}: write failed: {e.strerror or e}") from e
-            data = data[count:]
-            offset += count
+        write_at(self._file.fileno(), data, offset, self.label)
 
 
 class OutputTransaction:
