@@ -214,7 +214,9 @@ class Plan:
         elements = min(max((t.numel for t in averaged), default=0), CHUNK_ELEMENTS)
         accumulators = (BUFFERS_IN_FLIGHT + 1) * dtypes.itemsize(self.accum_dtype)
         outputs = BUFFERS_IN_FLIGHT * sum(dtypes.itemsize(d) for d in {t.dtype for t in averaged})
-        return elements * (accumulators + outputs) + STAGING_BYTES * STAGING_BUFFERS
+        largest_file = max((file.nbytes for file in self.files), default=0)
+        staging = min(STAGING_BUFFERS, -(-largest_file // STAGING_BYTES)) * STAGING_BYTES
+        return elements * (accumulators + outputs) + staging
 
     def metadata(self) -> dict[str, str]:
         """Provenance stored in the output's `__metadata__` (all values are strings).

@@ -347,6 +347,16 @@ class TestDevice:
             ckptavg.average(series, ckptavg.swa(), out=tmp_path / "o.safetensors", device="tpu7")
 
 
+def test_memory_estimate_counts_only_the_staging_an_output_can_fill(tmp_path, series):
+    from ckptavg import direct
+
+    with ckptavg.open_checkpoints(series) as checkpoints:
+        planned = ckptavg.build_plan(checkpoints, ckptavg.swa())
+        written = ckptavg.build_plan(checkpoints, ckptavg.swa(), output=tmp_path / "o.safetensors")
+    assert written.output_nbytes < direct.STAGING_BYTES  # SmallNet fills one staging buffer
+    assert written.working_bytes - planned.working_bytes == direct.STAGING_BYTES
+
+
 class TestRuns:
     def test_small_tensors_stored_back_to_back_are_summed_as_one_run(self, tmp_path, series, states):
         with ckptavg.open_checkpoints(series) as checkpoints:
