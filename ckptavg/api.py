@@ -18,6 +18,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import interrupts, supervision
 from .errors import NonFiniteError, OutputError
 from .hub import HubOptions
 
@@ -27,6 +28,7 @@ from .plan import Plan, TensorPlan, build_plan
 from .readers import Checkpoint, open_checkpoint, open_headers
 from .schedules import Schedule
 from .selection import Selection
+from .side_files import copy_side_file
 from .sources import Source, resolve_sources
 from .torch_format import save_torch_file
 from .writer import INDEX_NAME, OutputTransaction, ensure_free_space
@@ -50,10 +52,14 @@ def open_checkpoints(
     their headers, read with range requests, which is enough to plan (`--dry-run`).
     """
     with ExitStack() as stack:
-        yield [
+        checkpoints = [
             stack.enter_context(_open_source(source, key, strip_prefix))
             for source in resolve_sources(specs, keep_order=keep_order, hub=hub, fetch=fetch)
         ]
+        for checkpoint in checkpoints:
+            for path in checkpoint.files:
+                supervision.announce_input(path)  # to name it if it changes under its memory map
+        yield checkpoints
 
 
 def _open_source(source: Source, key: str | None, strip_prefix: Sequence[str]) -> Checkpoint:
@@ -225,6 +231,7 @@ def _write(plans: list[Plan], *, device: str, progress: bool) -> list[Path]:
         threads = nullcontext() if all(file.direct for file in files) else beside_a_writer_thread()
         with WriteQueue() as queue, threads:
             for tensor, parts in engine.stream(first.work()):
+                interrupts.check()
                 targets = first.targets(tensor) if isinstance(tensor, TensorPlan) else [tensor.name]
                 for by_name, (start, chunk, release) in zip(writers, parts, strict=True):
                     for i, name in enumerate(targets):
@@ -256,5 +263,5 @@ def _finish_output(plan: Plan, output: OutputTransaction, streamed: Path | None,
     if index is not None:
         output.write_json(INDEX_NAME, index)
     for extra in plan.extra_files:
-        output.copy_file(extra)
+        copy_side_file(extra, output.path_of(extra.name), plan.extra_root or extra.parent)
     output.commit()

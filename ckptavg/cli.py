@@ -11,13 +11,12 @@ import contextlib
 import functools
 import json
 import os
-import signal
 import sys
 
 import click
 
-from . import __version__
-from .errors import CkptavgError
+from . import __version__, interrupts, supervision
+from .errors import CkptavgError, printable
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 EXIT_ERROR = 1
@@ -25,12 +24,9 @@ EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so every `with` block cleans up."""
-
-
-def _raise_terminated(signum, frame):
-    raise _Terminated()
+def _say(*lines: str, err: bool = False) -> None:
+    """Print lines with whatever a name could smuggle in (newlines, escape sequences) escaped."""
+    click.echo("\n".join(printable(line) for line in lines), err=err)
 
 
 def _reports_errors(command):
@@ -38,35 +34,32 @@ def _reports_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, debug: bool, **kwargs):
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
-            return command(*args, **kwargs)
+            with interrupts.honoured():
+                result = command(*args, **kwargs)
+                interrupts.check()  # a signal whose exception a library swallowed
+                return result
         except click.ClickException:
             raise  # usage errors: click prints them with the command's usage line
         except CkptavgError as e:
             if debug:
                 raise
-            click.echo(f"error: {e}", err=True)
+            _say(f"error: {e}", err=True)
             sys.exit(EXIT_ERROR)
         except KeyboardInterrupt as e:
             if debug:
                 raise
-            what = "terminated" if isinstance(e, _Terminated) else "interrupted"
-            click.echo(f"{what}: nothing was written", err=True)
-            sys.exit(EXIT_TERMINATED if isinstance(e, _Terminated) else EXIT_INTERRUPTED)
+            _report_interrupt(e)
         except BrokenPipeError:  # the reader left (ckptavg inspect | head): stop quietly, as on SIGPIPE
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(EXIT_ERROR)
         except Exception as e:
             if debug:
                 raise
-            click.echo(
-                f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)",
-                err=True,
+            _say(
+                f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True
             )
             sys.exit(EXIT_ERROR)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
 
     return click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(wrapper)
 
@@ -230,14 +223,24 @@ def _report_pass(plan) -> None:
     from .bn import BN_KEY
 
     record = json.loads(plan.provenance[BN_KEY])
-    click.echo(
-        f"recomputed BatchNorm statistics over {record['samples']} inputs in {record['batches']} batches"
-    )
+    _say(f"recomputed BatchNorm statistics over {record['samples']} inputs in {record['batches']} batches")
     if record["skipped"]:
-        click.echo(
+        _say(
             f"warning: skipped {record['skipped']} unreadable images, e.g. {record['unreadable'][0]}",
             err=True,
         )
+
+
+def _report_interrupt(interrupt: KeyboardInterrupt) -> None:
+    """Say what an interrupt left (nothing, or the outputs already in place) and exit 130 or 143."""
+    terminated = isinstance(interrupt, interrupts.Terminated)
+    what = "terminated" if terminated else "interrupted"
+    written = interrupts.committed()
+    if written:
+        _say(f"{what} after writing {', '.join(map(str, written))}", err=True)
+    else:
+        _say(f"{what}: nothing was written", err=True)
+    sys.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
 
 
 def _hub_option_decorators(command):
@@ -388,7 +391,26 @@ def run() -> None:
     fsynced and renamed. The exit handlers libraries registered (workers to stop,
     logs to flush) still run, and the standard streams are flushed. A traceback
     (--debug) exits the usual way.
+
+    Signals are honoured from here on (see `interrupts`), and the work runs under a
+    supervising parent (see `supervision`), so even a crash ends in one line.
     """
+    try:
+        with interrupts.honoured():
+            code = supervision.run_supervised(_main)
+    except KeyboardInterrupt as e:  # before the command started
+        try:
+            _report_interrupt(e)
+        except SystemExit as exit:
+            code = exit.code
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe (ckptavg inspect | head)
+            stream.flush()
+    os._exit(code)
+
+
+def _main() -> int:
+    """`main` as an exit code, with the exit handlers libraries registered run."""
     try:
         main()
         code = 0
@@ -398,10 +420,7 @@ def run() -> None:
         print(code, file=sys.stderr)
         code = EXIT_ERROR
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe (ckptavg inspect | head)
-            stream.flush()
-    os._exit(code or 0)
+    return code or 0
 
 
 @click.group(context_settings=_CONTEXT)
@@ -625,16 +644,17 @@ def _average(
             for schedule, out in zip(schedules, outputs, strict=True)
         ]
         if not quiet or dry_run:
-            click.echo("\n\n".join("\n".join(plan.describe()) for plan in plans))
+            for i, plan in enumerate(plans):
+                _say(*([""] if i else []), *plan.describe())
             if bn is not None:
                 from .bn import describe_pass
 
-                click.echo(describe_pass(bn))
+                _say(describe_pass(bn))
         warnings = plans[0].warnings
         for warning in warnings:
-            click.echo(f"warning: {warning}", err=True)
+            _say(f"warning: {warning}", err=True)
         if dry_run:
-            click.echo("dry run: nothing written")
+            _say("dry run: nothing written")
             return
         shown = len(warnings)
         if bn is None:
@@ -646,12 +666,12 @@ def _average(
             if not quiet:
                 _report_pass(plans[0])
         for warning in warnings[shown:]:  # found while averaging (non-finite values)
-            click.echo(f"warning: {warning}", err=True)
+            _say(f"warning: {warning}", err=True)
     if not quiet:
         from .units import format_bytes
 
         for plan in plans:
-            click.echo(
+            _say(
                 f"wrote {plan.output}{'/' if plan.folder else ''} ({format_bytes(plan.output_nbytes)}, "
                 f"{len(plan.tensors)} tensors)"
             )
@@ -755,9 +775,8 @@ def bn_update(
             raise click.UsageError(f"{checkpoint_spec} holds {len(checkpoints)} checkpoints; give one")
         (checkpoint,) = checkpoints
         if dry_run:
-            click.echo(f"bn-update of {checkpoint.label}")
-            click.echo("\n".join(check_pass(checkpoint, bn)))
-            click.echo("dry run: nothing written")
+            _say(f"bn-update of {checkpoint.label}", *check_pass(checkpoint, bn))
+            _say("dry run: nothing written")
             return
         plan, _ = write_with_new_statistics(
             checkpoint,
@@ -771,7 +790,7 @@ def bn_update(
         )
     if not quiet:
         _report_pass(plan)
-        click.echo(f"wrote {plan.output}{'/' if plan.folder else ''}")
+        _say(f"wrote {plan.output}{'/' if plan.folder else ''}")
 
 
 @main.command(context_settings=_CONTEXT)
@@ -815,32 +834,37 @@ def inspect(path, key, as_json, no_tensors, token, cache_dir, offline):
                 )
             )
             return
-        click.echo(ck.label + (f"  ({'; '.join(ck.notes)})" if ck.notes else ""))
+        _say(ck.label + (f"  ({'; '.join(ck.notes)})" if ck.notes else ""))
         if not no_tensors:
-            width = max((len(n) for n in ck.tensors), default=4)
+            names = {name: printable(name) for name in ck.tensors}
+            width = max((len(n) for n in names.values()), default=4)
             for name, info in ck.tensors.items():
-                click.echo(f"  {name:<{width}}  {info.dtype:<7}  {list(info.shape)}")
+                _say(f"  {names[name]:<{width}}  {info.dtype:<7}  {list(info.shape)}")
         numel = sum(i.numel for i in ck.tensors.values())
         counts: dict[str, int] = {}
         for info in ck.tensors.values():
             counts[info.dtype] = counts.get(info.dtype, 0) + 1
-        click.echo(
+        _say(
             f"tensors: {len(ck.tensors)}, parameters: {numel:,}, size: {format_bytes(ck.nbytes)}, "
             f"dtypes: {', '.join(f'{n} {d}' for d, n in counts.items())}"
         )
         if ck.metadata:
-            click.echo("metadata:")
+            _say("metadata:")
             for key, value in sorted(ck.metadata.items()):
-                click.echo(f"  {key}:{_pretty_metadata(key, value)}")
+                first, *rows = _pretty_metadata(key, value)
+                _say(f"  {key}:{first}", *rows)
 
 
-def _pretty_metadata(key: str, value: str) -> str:
-    """The ckptavg inputs list as one row per input; everything else as stored."""
+def _pretty_metadata(key: str, value: str) -> list[str]:
+    """The ckptavg inputs list as one row per input; everything else as stored.
+
+    Returns what follows `key:` on its line, then any rows below it.
+    """
     if key != "ckptavg.inputs":
-        return f" {value}"
+        return [f" {value}"]
     try:
         inputs = json.loads(value)
-        rows = [f"\n      {item['weight']:8.4f}  {item['path']}" for item in inputs]
+        rows = [f"      {item['weight']:8.4f}  {item['path']}" for item in inputs]
     except (ValueError, TypeError, KeyError):
-        return f" {value}"
-    return "".join(rows)
+        return [f" {value}"]
+    return ["", *rows]

@@ -1,7 +1,21 @@
 """Error types. Every failure a user can cause is a `CkptavgError` whose message
 is one complete line: the file, the tensor, the cause and what to do."""
 
+import unicodedata
+
 SHOWN_NAMES = 5  # how many names an error lists before "and N more"
+# Unicode categories that do not print as themselves: controls, format (bidi overrides), line breaks.
+_UNPRINTABLE = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")
+
+
+def printable(text: str) -> str:
+    """`text` with every character that would move the cursor, end a line or recolour the terminal
+    escaped (`\\n`, `\\x1b`, `\\u202e`), so a tensor or file name cannot forge a line of output."""
+    if text.isprintable():
+        return text
+    return "".join(
+        char if unicodedata.category(char) not in _UNPRINTABLE else ascii(char)[1:-1] for char in text
+    )
 
 
 def name_list(names) -> str:
