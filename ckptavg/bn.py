@@ -11,7 +11,6 @@ unchanged except the BatchNorm statistics, through the streaming writer.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -122,7 +121,7 @@ def write_with_new_statistics(
     force: bool = False,
     max_shard_size=None,
     wrap_key: str | None = None,
-    extra_files: list[Path] | None = None,
+    extra_files: tuple[list[Path], Path | None] | None = None,
     progress: bool = False,
 ) -> tuple[Plan, Batches]:
     """Recompute the statistics of `checkpoint` and write it to `output` with them.
@@ -138,7 +137,7 @@ def write_with_new_statistics(
         [updated], swa(), output=output, force=force, max_shard_size=max_shard_size, wrap_key=wrap_key
     )
     if extra_files is not None:
-        plan.extra_files = extra_files
+        plan.extra_files, plan.extra_root = extra_files
     new, record, batches = recompute_statistics(checkpoint, bn, progress=progress)
     replacements.update(new)
     plan.provenance = {**provenance, BN_KEY: json.dumps(record)}
@@ -157,10 +156,10 @@ def average_then_recompute_statistics(
     """
     from .api import run_plan
     from .readers import open_checkpoint
-    from .writer import TEMP_MARKER
+    from .writer import temporary_path
 
     target = plan.output
-    scratch = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}{TEMP_MARKER}.safetensors"
+    scratch = temporary_path(target, ".safetensors")
     averaged = replace(
         plan,
         output=scratch,
@@ -182,7 +181,7 @@ def average_then_recompute_statistics(
                 force=plan.force,
                 max_shard_size=plan.shard_size if plan.folder else None,
                 wrap_key=plan.wrap_key,
-                extra_files=plan.extra_files,
+                extra_files=(plan.extra_files, plan.extra_root),
                 progress=progress,
             )
     finally:

@@ -23,10 +23,11 @@ from .errors import MismatchError, OutputError, name_list
 from .readers import Checkpoint
 from .schedules import Schedule, effective_count, implied_sigma_rel
 from .selection import Selection, select
-from .sources import model_folder_files
+from .side_files import allowed_root, find_side_files
 from .steps import resolve_steps
 from .units import format_bytes, parse_size
 from .writer import (
+    COPIED_KEY,
     INDEX_NAME,
     SHARD_NAME,
     SINGLE_FILE_NAME,
@@ -34,6 +35,7 @@ from .writer import (
     VERSION_KEY,
     Entry,
     check_target,
+    kept_files,
     layout_order,
 )
 
@@ -140,6 +142,8 @@ class Plan:
     torch_output: bool = False
     wrap_key: str | None = None
     extra_files: list[Path] = field(default_factory=list)
+    extra_root: Path | None = None  # where the extra files may really live (see side_files)
+    kept: list[str] = field(default_factory=list)  # files of a replaced folder output that stay
     warnings: list[str] = field(default_factory=list)
     provenance: dict[str, str] | None = None
     shard_size: int | None = None
@@ -224,9 +228,11 @@ class Plan:
         A plan that only copies a checkpoint with some tensors replaced (bn-update)
         sets `provenance` to keep the averaging's record instead.
         """
+        copied = {COPIED_KEY: json.dumps([p.name for p in self.extra_files])} if self.extra_files else {}
         if self.provenance is not None:
-            return {**self.provenance, VERSION_KEY: __version__}
+            return {**self.provenance, VERSION_KEY: __version__, **copied}
         return {
+            **copied,
             "format": self.checkpoints[0].metadata.get("format", "pt"),
             VERSION_KEY: __version__,
             "ckptavg.method": self.schedule.method,
@@ -336,6 +342,8 @@ class Plan:
             if self.extra_files:
                 names = ", ".join(p.name for p in self.extra_files)
                 lines.append(f"copies:     {names} from {self.extra_files[0].parent}")
+            if self.kept:
+                lines.append(f"keeps:      {', '.join(self.kept)} (not written by ckptavg) in {self.output}")
         lines.append(
             f"memory:     ~{format_bytes(self.working_bytes)} of buffers "
             f"(chunks of {CHUNK_ELEMENTS // 2**20}M elements, whatever the model size)"
@@ -506,7 +514,9 @@ def _lay_out(
     if not folder:
         plan.files = [OutputFile(target.name, tuple(plan.tensors))]
         return
-    plan.extra_files = model_folder_files(plan.last.folder)
+    plan.extra_root = allowed_root(plan.last.folder, plan.last.label)
+    plan.extra_files, skipped = find_side_files(plan.last.folder, plan.extra_root)
+    plan.warnings.extend(skipped)
     limit = plan.shard_size = parse_size(
         max_shard_size if max_shard_size is not None else DEFAULT_FOLDER_SHARD_SIZE
     )
@@ -526,15 +536,32 @@ def _lay_out(
         plan.files = [
             OutputFile(SHARD_NAME.format(index=i, count=count), tuple(s)) for i, s in enumerate(shards, 1)
         ]
+    written = {f.name for f in plan.files} | {p.name for p in plan.extra_files} | {INDEX_NAME}
+    plan.kept = kept_files(target, written) if target.is_dir() else []
 
 
 def _refuse_input_as_output(checkpoints: Sequence[Checkpoint], target: Path, folder: bool) -> None:
+    """The output must not be an input under another name: a symbolic or a hard link to one."""
     resolved = target.resolve()
+    replaced = _identities([*target.iterdir()] if folder and target.is_dir() else [target])
     for ck in checkpoints:
         for source in ck.files:
             source_resolved = source.resolve()
-            if source_resolved == resolved or (folder and source_resolved.parent == resolved):
+            same_file = _identities([source]) & replaced
+            if source_resolved == resolved or (folder and source_resolved.parent == resolved) or same_file:
                 raise OutputError(f"{target}: is an input ({ck.label}); write the output elsewhere")
+
+
+def _identities(paths: Sequence[Path]) -> set[tuple[int, int]]:
+    """(device, inode) of each path that exists: equal for two names of one file."""
+    found = set()
+    for path in paths:
+        try:
+            info = path.stat()
+        except OSError:
+            continue
+        found.add((info.st_dev, info.st_ino))
+    return found
 
 
 def _duplicate_warnings(checkpoints: Sequence[Checkpoint]) -> list[str]:

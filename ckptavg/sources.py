@@ -95,7 +95,7 @@ def resolve_sources(
         if spec.startswith(HUB_PREFIX):
             hub_specs.append((len(sources), spec))
         elif GLOB_CHARS.search(spec) and not os.path.exists(spec):
-            matches = sorted(glob.glob(spec, recursive=True), key=natural_key)
+            matches = sorted(expand_pattern(spec), key=natural_key)
             if not matches:
                 raise InputError(f"{spec}: the pattern matches no file or folder")
             for match in matches:
@@ -113,6 +113,43 @@ def resolve_sources(
     if not keep_order:
         sources.sort(key=lambda source: natural_key(source.label))
     return sources
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """The paths a glob pattern matches; `**` matches any depth of folders.
+
+    `**` never descends through a link to a folder (Python's own recursive glob
+    does, and a link to a parent folder then never ends); a link matched by name
+    is used as given.
+    """
+    if "**" not in pattern:
+        return glob.glob(pattern)
+    parts = pattern.split("/")
+    found = ["/" if parts[0] == "" else ""]
+    for position, part in enumerate(parts[1:] if parts[0] == "" else parts):
+        last = position == len(parts) - (2 if parts[0] == "" else 1)
+        if part == "**":
+            found = [path for base in found for path in _descendants(base, with_files=last)]
+        elif part:
+            found = [match for base in found for match in glob.glob(os.path.join(glob.escape(base), part))]
+    return list(dict.fromkeys(path for path in found if path))
+
+
+def _descendants(prefix: str, *, with_files: bool) -> list[str]:
+    """The folder `prefix` (as the pattern wrote it; "" for the current folder) and every real folder
+    below it, and their files if asked; hidden ones left out, as glob leaves them."""
+    found = [prefix]
+    folder = prefix or "."
+    for root, folders, files in os.walk(folder):
+        folders[:] = sorted(
+            f for f in folders if not f.startswith(".") and not os.path.islink(os.path.join(root, f))
+        )
+        relative = os.path.relpath(root, folder)
+        base = prefix if relative == "." else os.path.join(prefix, relative)
+        found += [os.path.join(base, name) for name in folders]
+        if with_files:
+            found += [os.path.join(base, name) for name in sorted(files) if not name.startswith(".")]
+    return found
 
 
 def checkpoints_in_folder(folder: str, listing: Listing, label: str) -> list[str]:
@@ -153,17 +190,6 @@ def is_model_side_file(name: str) -> bool:
         and not name.endswith((*WEIGHT_SUFFIXES, INDEX_SUFFIX))
         and not TRAINER_STATE.match(name)
     )
-
-
-def model_folder_files(folder: Path) -> list[Path]:
-    """The files a local Hugging Face model folder needs besides its weights.
-
-    Empty unless `folder` holds a `config.json`; never weights, shard indexes or
-    trainer state (optimizer, scheduler, RNG states, training arguments).
-    """
-    if not (folder / HF_CONFIG_NAME).is_file():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_model_side_file(p.name))
 
 
 def _weights_among(files: Sequence[str], label: str) -> str | None:

@@ -9,13 +9,18 @@ padded to 8 bytes), which keeps every tensor aligned for zero-copy loading.
 Everything is written under a temporary name in the target folder, fsynced,
 and renamed into place only on success; on any failure, or Ctrl-C, the
 temporary files are removed and an existing output is left as it was.
+Temporary names carry the host and process id, so the next run writing to the
+same folder removes those of a run that was killed (SIGKILL) and cannot clean up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import struct
 import uuid
 from collections.abc import Iterable, Sequence
@@ -23,7 +28,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from . import dtypes
+from . import dtypes, interrupts, supervision
 from .direct import DirectAppender, write_at
 from .errors import OutputError
 from .units import format_bytes
@@ -39,7 +44,15 @@ TORCH_OUTPUT_SUFFIXES = (".pt", ".pth", ".bin")
 WRITEBACK_BYTES = 64 * 2**20
 _SYNC_FILE_RANGE_WRITE = 2
 VERSION_KEY = "ckptavg.version"
+COPIED_KEY = "ckptavg.copied"  # the side files a folder output holds, so a later --force knows them
 METADATA_KEY = "__metadata__"
+_SHARD_PATTERN = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+# .{target}.{host}-{pid}-{random}[.old].ckptavg-tmp[suffix]
+_TEMPORARY = re.compile(
+    r"^\.(?P<target>.+)\.(?P<host>\w+)-(?P<pid>\d+)-[0-9a-f]{8}(?P<old>\.old)?"
+    + re.escape(TEMP_MARKER)
+    + ".*$"
+)
 
 
 @dataclass(frozen=True)
@@ -178,7 +191,7 @@ class OutputTransaction:
         self.folder = folder
         self.force = force
         check_target(target, folder=folder, force=force)
-        self._temp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}{TEMP_MARKER}"
+        self._temp = temporary_path(target)
         self._writers: list[SafetensorsWriter] = []
         self._scratch: list[Path] = []
         self._committed = False
@@ -186,6 +199,7 @@ class OutputTransaction:
     def __enter__(self) -> OutputTransaction:
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.target.parent)
             if self.folder:
                 self._temp.mkdir()
         except OSError as e:
@@ -198,16 +212,9 @@ class OutputTransaction:
 
     def scratch_path(self, suffix: str) -> Path:
         """A temporary file next to the output, removed when the block ends, committed or not."""
-        path = self.target.parent / f".{self.target.name}.{uuid.uuid4().hex[:8]}{TEMP_MARKER}{suffix}"
+        path = temporary_path(self.target, suffix)
         self._scratch.append(path)
         return path
-
-    def copy_file(self, source: Path) -> None:
-        """Copy `source` into the output folder under its own name."""
-        try:
-            shutil.copyfile(source, self.path_of(source.name))
-        except OSError as e:
-            raise OutputError(f"{self.target}: cannot copy {source}: {e.strerror or e}") from e
 
     def safetensors(
         self, name: str, entries: Sequence[Entry], metadata: dict[str, str], path: Path | None = None
@@ -223,27 +230,44 @@ class OutputTransaction:
 
     def write_json(self, name: str, content: dict) -> None:
         path = self.path_of(name)
-        with open(path, "x", encoding="utf-8") as f:
-            json.dump(content, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(path, "x", encoding="utf-8") as f:
+                json.dump(content, f, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise OutputError(f"{self.target}: cannot write {name}: {e.strerror or e}") from e
 
     def commit(self) -> None:
-        """Move the finished output into place; an old one is removed only after that."""
-        if self.folder:
-            _fsync_dir(self._temp)
-            old = None
-            if self.target.exists():
-                old = self.target.parent / f".{self.target.name}.{uuid.uuid4().hex[:8]}.old{TEMP_MARKER}"
-                os.rename(self.target, old)
-            os.rename(self._temp, self.target)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self._temp, self.target)
-        _fsync_dir(self.target.parent)
+        """Move the finished output into place; an old one is removed only after that.
+
+        An old folder output keeps the files ckptavg did not write (a user's
+        `eval_results.json`): they are linked into the new folder before the swap.
+        """
+        interrupts.check()  # never put an output in place after Ctrl-C, even a swallowed one
+        try:
+            if self.folder:
+                self._commit_folder()
+            else:
+                os.replace(self._temp, self.target)
+            _fsync_dir(self.target.parent)
+        except OSError as e:
+            raise OutputError(f"{self.target}: cannot put the output in place: {e.strerror or e}") from e
         self._committed = True
+        interrupts.note_commit(self.target)
+
+    def _commit_folder(self) -> None:
+        for name in kept_files(self.target, {p.name for p in self._temp.iterdir()}):
+            _link_or_copy(self.target / name, self._temp / name)
+        _fsync_dir(self._temp)
+        old = None
+        if self.target.exists():
+            old = temporary_path(self.target, old=True)
+            os.rename(self.target, old)
+        os.rename(self._temp, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
     def __exit__(self, *exc) -> None:
         for path in self._scratch:
@@ -256,6 +280,90 @@ class OutputTransaction:
             shutil.rmtree(self._temp, ignore_errors=True)
         else:
             self._temp.unlink(missing_ok=True)
+
+
+def temporary_path(target: Path, suffix: str = "", *, old: bool = False) -> Path:
+    """A new temporary path next to `target`, named for this host and process.
+
+    The supervising parent is told of it first, so it can remove it if this process dies.
+    """
+    tag = f"{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}{'.old' if old else ''}"
+    path = target.parent / f".{target.name}.{tag}{TEMP_MARKER}{suffix}"
+    supervision.announce_temporary(path)
+    return path
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporaries that runs on this host left in `folder` when killed.
+
+    Only those whose process is gone; an old output that a killed run had moved
+    aside, with no new output in its place, is put back instead.
+    """
+    host = _host()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if not match or match["host"] != host or _alive(int(match["pid"])):
+            continue
+        path = Path(entry.path)
+        target = folder / match["target"]
+        with contextlib.suppress(OSError):
+            if match["old"] and not target.exists():
+                os.rename(path, target)
+            elif entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def _host() -> str:
+    """This machine's name as it goes into temporary names: a process id means something only here."""
+    return re.sub(r"\W", "_", socket.gethostname())[:32] or "host"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def kept_files(folder: Path, replaced: set[str]) -> list[str]:
+    """The files of an old ckptavg folder output that ckptavg did not write, and the new one does not
+    replace: what a user added (evaluation results, notes). Kept by `--force`."""
+    if not folder.is_dir():
+        return []
+    ours = _files_written_by_ckptavg(folder)
+    return sorted(p.name for p in folder.iterdir() if p.name not in ours and p.name not in replaced)
+
+
+def _files_written_by_ckptavg(folder: Path) -> set[str]:
+    """The weights, index and copied side files of a ckptavg folder output, as its metadata lists them."""
+    ours = {INDEX_NAME, SINGLE_FILE_NAME}
+    ours.update(p.name for p in folder.iterdir() if _SHARD_PATTERN.match(p.name))
+    metadata = _output_metadata(folder) or {}
+    with contextlib.suppress(ValueError, TypeError):
+        ours.update(name for name in json.loads(metadata.get(COPIED_KEY, "[]")) if isinstance(name, str))
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))
+        ours.update(v for v in index.get("weight_map", {}).values() if isinstance(v, str))
+    return ours
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    """A second name for a kept file inside the new output (a copy where links are not supported)."""
+    try:
+        os.link(source, destination, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, destination, follow_symlinks=False)
 
 
 def check_target(target: Path, *, folder: bool, force: bool) -> None:
@@ -287,18 +395,23 @@ def check_target(target: Path, *, folder: bool, force: bool) -> None:
 
 def _written_by_ckptavg(folder: Path) -> bool:
     """Whether a folder holds a checkpoint whose metadata says ckptavg wrote it."""
+    return VERSION_KEY in (_output_metadata(folder) or {})
+
+
+def _output_metadata(folder: Path) -> dict | None:
+    """The metadata of the checkpoint in a folder output (its index's, or its single file's)."""
     try:
         if (folder / INDEX_NAME).is_file():
-            index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))
-            return VERSION_KEY in index.get("metadata", {})
+            metadata = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8")).get("metadata", {})
+            return metadata if isinstance(metadata, dict) else None
         if (folder / SINGLE_FILE_NAME).is_file():
             from safetensors import safe_open
 
             with safe_open(folder / SINGLE_FILE_NAME, framework="pt") as f:
-                return VERSION_KEY in (f.metadata() or {})
+                return f.metadata() or {}
     except Exception:  # unreadable: not ours to replace
-        return False
-    return False
+        return None
+    return None
 
 
 def free_space(path: Path) -> int:
