@@ -112,6 +112,15 @@ class _HostToDevice:
         return on_device
 
 
+@dataclass(frozen=True)
+class _Dtypes:
+    """How one averaged tensor is summed and written."""
+
+    accumulator: torch.dtype
+    output: torch.dtype
+    may_overflow: bool  # the output dtype may not hold the average: check after the cast
+
+
 @dataclass
 class _SummedChunk:
     """One chunk's sums, one per plan, whose results may still be on their way back from a GPU."""
@@ -119,10 +128,12 @@ class _SummedChunk:
     start: int
     count: int
     accumulators: list[torch.Tensor]
+    pool: BufferPool[torch.Tensor]  # where the accumulator buffers go back
     spare: list[torch.Tensor]  # accumulator buffers not handed to the writer: free once checked
     totals: torch.Tensor  # each accumulator's sum: NaN or Inf anywhere shows in it
     outputs: list[tuple[torch.Tensor, Release]]
     done: torch.cuda.Event | None  # recorded after the copies back; None on the CPU
+    kinds: _Dtypes
 
 
 class Engine:
@@ -141,9 +152,10 @@ class Engine:
         self.device = device
         self._on_read = on_read or (lambda nbytes: None)
         self._chunk = max(1, min(CHUNK_ELEMENTS, max((t.numel for t in self.plan.tensors), default=1)))
-        accum = dtypes.torch_dtype(self.plan.accum_dtype)
-        self._accumulators = _tensor_pool(self._chunk, accum, device, BUFFERS_IN_FLIGHT * len(self.plans))
-        self._scratch = _tensor_pool(self._chunk, accum, device, 1)
+        # per accumulator dtype (float64 tensors are summed in float64): accumulators, one cast scratch
+        self._accumulators: dict[torch.dtype, BufferPool[torch.Tensor]] = {}
+        self._scratch: dict[torch.dtype, BufferPool[torch.Tensor]] = {}
+        self._extrapolates = any(w < 0 for plan in self.plans for w in plan.weights)
         self._outputs: dict[torch.dtype, BufferPool[torch.Tensor]] = {}
         on_gpu = device.type == "cuda"
         self._to_device = _HostToDevice(self._chunk, device) if on_gpu else None
@@ -164,10 +176,10 @@ class Engine:
                 yield from ((tensor, parts) for parts in self._copy(tensor))
                 continue
             sources = self._sources(tensor)
-            out_dtype = dtypes.torch_dtype(tensor.dtype)
+            dtypes_of = self._dtypes_of(tensor)
             for start in range(0, tensor.numel, self._chunk):
                 count = min(self._chunk, tensor.numel - start)
-                in_flight.append((tensor, sources, self._sum(sources, start, count, out_dtype)))
+                in_flight.append((tensor, sources, self._sum(sources, start, count, dtypes_of)))
                 if len(in_flight) > self._chunks_ahead:
                     yield self._hand_out(*in_flight.popleft())
         while in_flight:
@@ -176,6 +188,7 @@ class Engine:
     def _copy(self, tensor: TensorPlan) -> Iterator[list[Chunk]]:
         source = self.plan.last.get(tensor.name).reshape(-1)
         out_dtype = dtypes.torch_dtype(tensor.dtype)
+        narrowing = self._may_overflow(tensor, out_dtype)
         for start in range(0, source.numel(), self._chunk):
             piece = source[start : start + self._chunk]
             self._on_read(piece.numel() * piece.element_size())
@@ -184,8 +197,11 @@ class Engine:
             offset = start * out_dtype.itemsize
             if piece.dtype == out_dtype:
                 yield [(offset, piece, None)] * len(self.plans)
-            else:
-                yield [(offset, *self._cast_out(piece, out_dtype)) for _ in self.plans]
+                continue
+            parts = [(offset, *self._cast_out(piece, out_dtype)) for _ in self.plans]
+            if narrowing and not _finite(parts[0][1]):
+                self._beyond_range(tensor, out_dtype)
+            yield parts
 
     def _sources(self, tensor: TensorPlan | Run) -> list[tuple[int, torch.Tensor, list[float]]]:
         """(checkpoint index, flat input, its weight in each plan) for every checkpoint that counts."""
@@ -196,12 +212,37 @@ class Engine:
             if any(weights[index] != 0.0 for weights in weight_sets)
         ]
 
-    def _sum(self, sources: list, start: int, count: int, out_dtype: torch.dtype) -> _SummedChunk:
+    def _dtypes_of(self, tensor: TensorPlan | Run) -> _Dtypes:
+        """How an averaged tensor is summed and written. Float64 tensors are summed in float64."""
+        stored = {ck.tensors[tensor.name].dtype for ck in self.plan.checkpoints}
+        accum = dtypes.torch_dtype("F64" if "F64" in stored else self.plan.accum_dtype)
+        out = dtypes.torch_dtype(tensor.dtype)
+        return _Dtypes(accum, out, self._may_overflow(tensor, out))
+
+    def _may_overflow(self, tensor: TensorPlan | Run, out_dtype: torch.dtype) -> bool:
+        """Whether casting the result to `out_dtype` can overflow. A weighted average with weights
+        >= 0 stays within its inputs' range, so only a narrower output dtype (or extrapolation) can."""
+        if not out_dtype.is_floating_point:
+            return False
+        stored = {ck.tensors[tensor.name].dtype for ck in self.plan.checkpoints}
+        widest = max(_largest(dtypes.torch_dtype(name)) for name in stored)
+        return self._extrapolates or _largest(out_dtype) < widest
+
+    def _pools(self, accum: torch.dtype) -> tuple[BufferPool[torch.Tensor], BufferPool[torch.Tensor]]:
+        if accum not in self._accumulators:
+            limit = BUFFERS_IN_FLIGHT * len(self.plans)
+            self._accumulators[accum] = _tensor_pool(self._chunk, accum, self.device, limit)
+            self._scratch[accum] = _tensor_pool(self._chunk, accum, self.device, 1)
+        return self._accumulators[accum], self._scratch[accum]
+
+    def _sum(self, sources: list, start: int, count: int, kinds: _Dtypes) -> _SummedChunk:
         """Queue one chunk's weighted sums (one per plan) and their way back to the host."""
-        buffers = [self._accumulators.acquire() for _ in self.plans]
+        out_dtype = kinds.output
+        pool, scratch_pool = self._pools(kinds.accumulator)
+        buffers = [pool.acquire() for _ in self.plans]
         accumulators = [buffer[:count] for buffer in buffers]
         started = [False] * len(self.plans)
-        scratch = self._scratch.acquire()
+        scratch = scratch_pool.acquire()
         for _, source, weights in sources:
             piece = self._to_accum(source[start : start + count], scratch)
             for k, (acc, weight) in enumerate(zip(accumulators, weights, strict=True)):
@@ -213,12 +254,12 @@ class Engine:
                     torch.mul(piece, weight, out=acc)
                     started[k] = True
             self._on_read(count * source.element_size())
-        self._scratch.release(scratch)  # on a GPU, later work on the same stream runs after this chunk's
+        scratch_pool.release(scratch)  # on a GPU, later work on the same stream runs after this chunk's
         totals = torch.stack([acc.sum() for acc in accumulators])
         outputs, spare = [], []
         for acc, buffer in zip(accumulators, buffers, strict=True):
             if out_dtype == acc.dtype and acc.device.type == "cpu":  # written as is; the writer gives it back
-                outputs.append((acc, lambda buffer=buffer: self._accumulators.release(buffer)))
+                outputs.append((acc, lambda buffer=buffer: pool.release(buffer)))
             else:
                 outputs.append(self._cast_out(acc, out_dtype))
                 spare.append(buffer)
@@ -227,7 +268,7 @@ class Engine:
             totals = totals.to("cpu", non_blocking=True)
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(self.device))
-        return _SummedChunk(start, count, accumulators, spare, totals, outputs, done)
+        return _SummedChunk(start, count, accumulators, pool, spare, totals, outputs, done, kinds)
 
     def _hand_out(
         self, tensor: TensorPlan | Run, sources: list, chunk: _SummedChunk
@@ -238,13 +279,18 @@ class Engine:
         for acc, total in zip(chunk.accumulators, chunk.totals.tolist(), strict=True):
             # A NaN or Inf in any input reaches the sum: one cheap check per chunk, riding along.
             if not _finite(acc, total):
-                where = int(torch.isfinite(acc).logical_not().nonzero()[0])
+                where = _nonfinite_at(acc)
                 culprit = tensor.member_at(chunk.start + where) if isinstance(tensor, Run) else tensor
                 window = slice(chunk.start, chunk.start + chunk.count)
                 bad = [index for index, source, _ in sources if not _finite(source[window])]
                 self._nonfinite(culprit, bad[0] if bad else None)
+        for values, _ in chunk.outputs if chunk.kinds.may_overflow else ():
+            if not _finite(values):
+                where = int(_nonfinite_at(values))
+                culprit = tensor.member_at(chunk.start + where) if isinstance(tensor, Run) else tensor
+                self._beyond_range(culprit, chunk.kinds.output)
         for buffer in chunk.spare:
-            self._accumulators.release(buffer)
+            chunk.pool.release(buffer)
         offset = chunk.start * dtypes.itemsize(tensor.dtype)
         return tensor, [(offset, values, release) for values, release in chunk.outputs]
 
@@ -269,6 +315,20 @@ class Engine:
             index,
             reason,
         )
+
+    def _beyond_range(self, tensor: TensorPlan | Run, dtype: torch.dtype) -> None:
+        """Apply the policy to an average that the output dtype cannot hold (it would be Inf or NaN)."""
+        name = str(dtype).removeprefix("torch.")
+        reason = (
+            f"tensor '{tensor.name}': its average is beyond the range of {name} (largest "
+            f"{_largest(dtype):g}) and would be written as Inf or NaN"
+        )
+        if self.plan.nonfinite == "warn":
+            for plan in self.plans:
+                if f"{reason} (--nonfinite warn)" not in plan.warnings:
+                    plan.warnings.append(f"{reason} (--nonfinite warn)")
+            return
+        raise CkptavgError(f"{reason}; write a wider --dtype (float32 or bfloat16)")
 
     def _to_accum(self, piece: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
         """The piece in the accumulator's dtype and device, through the scratch buffer if it must change."""
@@ -303,9 +363,22 @@ def _flat(checkpoint, tensor: TensorPlan | Run) -> torch.Tensor:
     return checkpoint.get(tensor.name).reshape(-1)
 
 
+def _nonfinite_at(values: torch.Tensor) -> int:
+    """The first NaN or Inf of a flat tensor (one is known to be there)."""
+    if values.element_size() == 1:  # float8: no isfinite
+        values = values.float()
+    return int(torch.isfinite(values).logical_not().nonzero()[0])
+
+
+def _largest(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).max
+
+
 def _finite(values: torch.Tensor, total: float | None = None) -> bool:
     """No NaN or Inf. A NaN or Inf reaches the sum (`total`, if already known), so one reduction
     decides; the exact test runs only when the sum is not finite (it may also overflow)."""
+    if values.is_floating_point() and values.element_size() == 1:  # float8: no sum or isfinite
+        values = values.float()
     if total is None:
         total = values.sum().item()
     return math.isfinite(total) or bool(torch.isfinite(values).all())

@@ -211,12 +211,22 @@ class Plan:
         return total
 
     @property
+    def summed_in_float64(self) -> list[str]:
+        """Averaged tensors stored in float64 somewhere: summed in float64 whatever `accum_dtype` says."""
+        return [
+            t.name
+            for t in self.tensors
+            if t.averaged and any(ck.tensors[t.name].dtype == "F64" for ck in self.checkpoints)
+        ]
+
+    @property
     def working_bytes(self) -> int:
         """Most the buffers can take: accumulators, a cast scratch, output chunks per dtype, and the
         writer's staging for writes past the page cache."""
         averaged = [t for t in self.tensors if t.averaged]
         elements = min(max((t.numel for t in averaged), default=0), CHUNK_ELEMENTS)
-        accumulators = (BUFFERS_IN_FLIGHT + 1) * dtypes.itemsize(self.accum_dtype)
+        accum = "F64" if self.summed_in_float64 else self.accum_dtype
+        accumulators = (BUFFERS_IN_FLIGHT + 1) * dtypes.itemsize(accum)
         outputs = BUFFERS_IN_FLIGHT * sum(dtypes.itemsize(d) for d in {t.dtype for t in averaged})
         largest_file = max((file.nbytes for file in self.files), default=0)
         staging = min(STAGING_BUFFERS, -(-largest_file // STAGING_BYTES)) * STAGING_BYTES
@@ -313,6 +323,8 @@ class Plan:
             kinds = "all copied: there is one checkpoint"
         else:
             kinds = f"{len(averaged)} averaged in {_user_dtype(self.accum_dtype)}"
+            wide = len(self.summed_in_float64) if self.accum_dtype != "F64" else 0
+            kinds += f", {wide} of them (stored in float64) in float64" if wide else ""
             kinds += f", {copied} integer/bool copied from the last checkpoint" if copied else ""
         lines.append(f"tensors:    {len(self.tensors)} ({kinds})")
         for tensor in self.tensors:

@@ -170,8 +170,9 @@ class Weighted:
             raise ScheduleError(
                 f"--weights has {len(self.given)} values for {count} checkpoints; give one per checkpoint"
             )
-        total = math.fsum(self.given)
-        return [w / total for w in self.given]
+        largest = max(self.given)  # scaled first, so weights near the float maximum cannot overflow the sum
+        total = math.fsum(w / largest for w in self.given)
+        return [w / largest / total for w in self.given]
 
     def params(self) -> dict:
         return {"weights": list(self.given)}
@@ -225,7 +226,7 @@ def weighted(weights: Sequence[float]) -> Weighted:
 
 # algorithm 2 in https://arxiv.org/abs/2312.02696: sigma_rel = sqrt((g+1) / ((g+2)^2 (g+3)))
 def gamma_to_sigma_rel(gamma: float) -> float:
-    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+    return math.sqrt((gamma + 1) / (gamma + 3)) / (gamma + 2)  # (gamma + 2) ** 2 would overflow first
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,10 +73,18 @@ def select(
     if selection.best is not None:
         _positive(selection.best, "--best")
         metric, values = _metric_values(labels, steps, scalars, kept, selection)
-        best_first = sorted(kept, key=lambda i: values[i], reverse=selection.mode == "max")
+        diverged = [i for i in kept if math.isnan(values[i])]  # NaN is never best
+        if len(diverged) == len(kept):
+            raise ScheduleError(f"--best: every checkpoint's {metric} is NaN; there is nothing to rank")
+        ranked = [i for i in kept if i not in diverged]
+        best_first = sorted(ranked, key=lambda i: values[i], reverse=selection.mode == "max")
         kept = sorted(best_first[: selection.best])
         shown = ", ".join(f"{values[i]:g}" for i in kept)
         notes.append(f"the best {selection.best} by {metric} ({selection.mode}): {shown}")
+        if diverged:
+            notes.append(
+                f"left out {len(diverged)} whose {metric} is NaN: " + ", ".join(labels[i] for i in diverged)
+            )
     if not kept:
         raise ScheduleError("the selection keeps no checkpoint; loosen --from-step/--to-step")
     return kept, notes
@@ -110,25 +119,27 @@ def _read_metrics(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise InputError(f"{path}: cannot read the metrics file ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: the metrics file is not UTF-8 text ({e.reason} at byte {e.start})") from e
     try:
         if path.suffix == ".json":
             content = json.loads(text)
-            rows = (
-                content
-                if isinstance(content, list)
-                else [
+            if isinstance(content, dict):
+                content = [
                     {"checkpoint": key, **(value if isinstance(value, dict) else {"metric": value})}
                     for key, value in content.items()
                 ]
-            )
+            rows = content if isinstance(content, list) else None
         else:
             rows = list(csv.DictReader(text.splitlines()))
     except (ValueError, csv.Error) as e:
         raise InputError(f"{path}: not a readable metrics file ({e})") from e
+    except RecursionError:
+        raise InputError(f"{path}: not a readable metrics file (nested too deeply)") from None
     if not rows or not all(isinstance(row, dict) for row in rows):
         raise InputError(f"{path}: expected rows with a 'step' or 'checkpoint' column and metric columns")
     columns = {key for row in rows for key in row} - {"step", "checkpoint"}
-    return {"rows": rows, "columns": columns}
+    return {"rows": rows, "columns": columns, "path": path}
 
 
 def _lookup(sidecar: dict, label: str, step: int | None, metric: str) -> float | None:
@@ -138,8 +149,18 @@ def _lookup(sidecar: dict, label: str, step: int | None, metric: str) -> float |
             label == row["checkpoint"] or label.endswith("/" + str(row["checkpoint"]))
         )
         if (by_step or by_name) and row.get(metric) not in (None, ""):
-            return float(row[metric])
+            return _number(row[metric], sidecar["path"], metric, label)
     return None
+
+
+def _number(value, path: Path, metric: str, label: str) -> float:
+    """A metric from the file as a float; text that is not a number is the file's mistake, said so."""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (ValueError, OverflowError):
+            pass
+    raise InputError(f"{path}: '{metric}' of {label} is {json.dumps(value)[:40]}, not a number")
 
 
 def _int(value) -> int | None:
