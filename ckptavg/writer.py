@@ -270,8 +270,10 @@ class OutputTransaction:
             shutil.rmtree(old, ignore_errors=True)
 
     def __exit__(self, *exc) -> None:
+        # A failed removal (a read-only file system) must not hide why the run failed.
         for path in self._scratch:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
         if self._committed:
             return
         for writer in self._writers:
@@ -279,7 +281,8 @@ class OutputTransaction:
         if self.folder:
             shutil.rmtree(self._temp, ignore_errors=True)
         else:
-            self._temp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self._temp.unlink(missing_ok=True)
 
 
 def temporary_path(target: Path, suffix: str = "", *, old: bool = False) -> Path:
