@@ -215,6 +215,8 @@ def _weights_among(files: Sequence[str], label: str) -> str | None:
 
 def _local_checkpoints(path: Path) -> list[Path]:
     if not path.exists():
+        if path.is_symlink():
+            raise InputError(f"{path}: a symbolic link to nothing (its target is missing, or links loop)")
         raise InputError(f"{path}: no such file or folder")
     if not path.is_dir():
         return [path]
@@ -223,10 +225,22 @@ def _local_checkpoints(path: Path) -> list[Path]:
 
 def _local_listing(root: Path) -> Listing:
     def listing(folder: str) -> tuple[list[str], list[str]]:
-        entries = list(os.scandir(root / folder))
-        return [e.name for e in entries if e.is_file()], [e.name for e in entries if e.is_dir()]
+        try:
+            entries = list(os.scandir(root / folder))
+        except OSError as e:
+            raise InputError(f"{root / folder}: cannot list the folder ({e.strerror or e})") from e
+        folders = [e.name for e in entries if _is_folder(e)]
+        # A broken or looping link counts as a file: if it is the weights, opening it says what is wrong.
+        return [e.name for e in entries if e.name not in folders], folders
 
     return listing
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link that loops
+        return False
 
 
 def _join(*parts: str) -> str:

@@ -182,3 +182,31 @@ class TestInstalledProgram:
         )
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+class TestHostileNames:
+    """A tensor name can hold a newline or an escape sequence: it must not forge a line of output."""
+
+    NAMES = ("ok.weight", "forged\nerror: all fine", "red\x1b[31mtext", "back\rspace", "rtl\u202egnp.exe")
+
+    @pytest.fixture
+    def hostile(self, tmp_path):
+        path = tmp_path / "hostile.safetensors"
+        save_file({name: torch.ones(2) for name in self.NAMES}, path)
+        return path
+
+    def test_inspect_shows_one_escaped_row_per_tensor(self, hostile):
+        result = run("inspect", hostile)
+        assert result.exit_code == 0, result.output
+        rows = [line for line in result.output.splitlines() if line.startswith("  ") and "F32" in line]
+        assert len(rows) == len(self.NAMES)
+        assert "\x1b" not in result.output and "\r" not in result.output and "\u202e" not in result.output
+        assert "forged\\nerror: all fine" in result.output and "red\\x1b[31mtext" in result.output
+
+    def test_an_error_naming_them_is_one_line(self, tmp_path, hostile):
+        other = tmp_path / "other.safetensors"
+        save_file({"ok.weight": torch.ones(2)}, other)
+        result = run("swa", hostile, other, "-o", tmp_path / "o.safetensors")
+        assert result.exit_code == 1
+        assert len(result.stderr.strip().splitlines()) == 1 and "\x1b" not in result.stderr
+        assert result.stderr.startswith("error: ")

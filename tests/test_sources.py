@@ -77,3 +77,23 @@ class TestResolveSources:
 def test_natural_key_orders_numbers_by_value():
     names = ["ckpt_100", "ckpt_20", "ckpt_3", "ckpt_20b"]
     assert sorted(names, key=natural_key) == ["ckpt_3", "ckpt_20", "ckpt_20b", "ckpt_100"]
+
+
+class TestLinks:
+    def test_a_recursive_glob_does_not_follow_a_link_to_its_own_folder(self, tmp_path):
+        run = tmp_path / "run"
+        paths = [touch(run / "a" / "step_1.safetensors"), touch(run / "b" / "c" / "step_2.safetensors")]
+        (run / "a" / "loop").symlink_to("..")
+        (run / "b" / "up").symlink_to(tmp_path)
+        assert resolve_sources([str(run / "**" / "*.safetensors")]) == paths
+
+    def test_a_circular_link_as_input(self, tmp_path):
+        (tmp_path / "a.safetensors").symlink_to("b.safetensors")
+        (tmp_path / "b.safetensors").symlink_to("a.safetensors")
+        with pytest.raises(InputError, match="a symbolic link to nothing"):
+            resolve_sources([tmp_path / "a.safetensors"])
+
+    def test_a_circular_link_in_a_folder_is_passed_over_unless_it_is_the_weights(self, tmp_path):
+        weights = touch(tmp_path / "model" / "model.safetensors")
+        (tmp_path / "model" / "self").symlink_to("self")
+        assert resolve_sources([tmp_path / "model"]) == [weights]
