@@ -14,18 +14,31 @@ optimizer or trainer state), then `_download` fetches them with
 `snapshot_download` into the standard cache, concurrently, and reuses whatever
 is cached. Offline (`--offline` or `HF_HUB_OFFLINE=1`), revisions and listings
 come from the cache alone.
+
+Nothing the Hub (or the cache) says is trusted as a path: branch, tag and pull-request
+names, file paths from the listing and from a shard index, and the ETag and commit
+headers of files must be relative names without `..`, backslashes or control
+characters, commit ids must be 40 lowercase hex digits and sizes non-negative
+integers, so a compromised server cannot make huggingface_hub write outside the
+cache. Every request has a deadline: a response that delivers less than 1 kB in
+`CKPTAVG_HUB_TIMEOUT` seconds (default 60), or makes any wait (connect, send, a
+read) longer than that, is abandoned, and the run fails with one line. The
+deadlines are added to huggingface_hub's own HTTP client only while ckptavg makes
+its calls; a program's own client factory is used and put back afterwards.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from functools import cache
+from functools import cache, partial
 from pathlib import Path, PurePosixPath
 
 from . import dtypes
@@ -51,6 +64,16 @@ _TRUE = ("1", "true", "yes", "on")
 # The HTTP clients huggingface_hub has used; their errors mean the Hub could not be reached.
 _HTTP_LIBRARIES = {"httpx", "httpx2", "httpcore", "requests", "urllib3"}
 _DEFAULT_ENDPOINT = "https://huggingface.co"
+_TIMEOUT_VARIABLE = "CKPTAVG_HUB_TIMEOUT"
+_DEFAULT_TIMEOUT_S = 60.0
+_MIN_BYTES_PER_WINDOW = 1000  # below this in one timeout window, an answer counts as stalled
+_COMMIT_ID = re.compile(r"[0-9a-f]{40}")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_TIMEOUT_KINDS = ("connect", "read", "write", "pool")
+
+
+class _HubMisbehaved(Exception):
+    """The Hub answered in a way ckptavg refuses to act on; `_hub_errors` adds the spec to the message."""
 
 
 @dataclass(frozen=True)
@@ -131,20 +154,21 @@ def resolve_hub_specs(specs: Sequence[str], options: HubOptions, *, fetch: bool 
     Raises:
         InputError: one line naming the spec for every failure of the Hub or the cache.
     """
-    located = []
-    for spec in specs:
-        with _hub_errors(spec, options):
-            located.append(_locate(HubSpec.parse(spec), spec, options))
-    _check_free_space([ck for found in located for ck in found], options)
-    return [
-        [
-            _download(ck, spec, options)
-            if fetch or not _plannable(ck, options)
-            else _headers(ck, spec, options)
-            for ck in found
+    with _watched_hub_session():
+        located = []
+        for spec in specs:
+            with _hub_errors(spec, options):
+                located.append(_locate(HubSpec.parse(spec), spec, options))
+        _check_free_space([ck for found in located for ck in found], options)
+        return [
+            [
+                _download(ck, spec, options)
+                if fetch or not _plannable(ck, options)
+                else _headers(ck, spec, options)
+                for ck in found
+            ]
+            for spec, found in zip(specs, located, strict=True)
         ]
-        for spec, found in zip(specs, located, strict=True)
-    ]
 
 
 def _api(options: HubOptions):
@@ -164,10 +188,15 @@ def _locate(hub: HubSpec, spec: str, options: HubOptions) -> list[_Checkpoint]:
             local_files_only=options.is_offline,
             token=options.token,
         )
-        sizes = _files_at(api, hub.repo_id, resolved, options)
+        if not _COMMIT_ID.fullmatch(resolved.resolved):
+            raise InputError(
+                f"{spec}: {_source(options)} resolved {revision or 'main'} to {resolved.resolved!r}, "
+                "which is not a commit id (40 lowercase hex digits); refusing it"
+            )
+        sizes = _files_at(api, hub.repo_id, resolved, spec, options)
         for weights in _checkpoints_at(hub, sizes, spec, revision):
             checkpoint = _Checkpoint(hub.repo_id, resolved, weights)
-            checkpoint.files = _files_to_fetch(checkpoint, sizes, options)
+            checkpoint.files = _files_to_fetch(checkpoint, sizes, spec, options)
             found.append(checkpoint)
     return found
 
@@ -176,10 +205,15 @@ def _revisions(api, hub: HubSpec, spec: str, options: HubOptions) -> list[str | 
     if hub.revision is None or not GLOB_CHARS.search(hub.revision):
         return [hub.revision]
     if options.is_offline:
-        names = _cached_refs(options.cache, hub.repo_id)
+        named = [("ref", name) for name in _cached_refs(options.cache, hub.repo_id)]
     else:
         refs = api.list_repo_refs(hub.repo_id, include_pull_requests=True)
-        names = [r.name for r in (*refs.branches, *refs.tags)] + [r.ref for r in refs.pull_requests or ()]
+        named = [
+            *(("branch", r.name) for r in refs.branches),
+            *(("tag", r.name) for r in refs.tags),
+            *(("pull request", r.ref) for r in refs.pull_requests or ()),
+        ]
+    names = [_require_safe(name, spec, f"{_source(options)} listed a {kind} named") for kind, name in named]
     matches = sorted({n for n in names if fnmatchcase(n, hub.revision)}, key=natural_key)
     if not matches:
         where = "in the cache" if options.is_offline else "on the Hub"
@@ -195,14 +229,14 @@ def _cached_refs(cache: Path, repo_id: str) -> list[str]:
     return [str(p.relative_to(refs)) for p in refs.rglob("*") if p.is_file()] if refs.is_dir() else []
 
 
-def _files_at(api, repo_id: str, revision, options: HubOptions) -> dict[str, int | None]:
+def _files_at(api, repo_id: str, revision, spec: str, options: HubOptions) -> dict[str, int]:
     """Every file of the repo at the revision's commit, with its size (from the cache when offline)."""
     from huggingface_hub import RepoFile, get_cached_repo_tree
     from huggingface_hub.errors import CachedRepoTreeNotFoundError
 
     if not options.is_offline:
         entries = api.list_repo_tree(repo_id, recursive=True, revision=revision.resolved)
-        return {e.path: e.size for e in entries if isinstance(e, RepoFile)}
+        return _checked_sizes({e.path: e.size for e in entries if isinstance(e, RepoFile)}, spec, options)
     try:
         entries = get_cached_repo_tree(repo_id, revision=revision.resolved, cache_dir=options.cache)
     except CachedRepoTreeNotFoundError:
@@ -212,15 +246,54 @@ def _files_at(api, repo_id: str, revision, options: HubOptions) -> dict[str, int
                 f"{HUB_PREFIX}{repo_id}@{revision}: not in the cache {options.cache} (offline); "
                 "run once without --offline to fetch it"
             ) from None
-        return {
-            str(p.relative_to(snapshot).as_posix()): p.stat().st_size
-            for p in snapshot.rglob("*")
-            if p.is_file()
+        files = {
+            p.relative_to(snapshot).as_posix(): p.stat().st_size for p in snapshot.rglob("*") if p.is_file()
         }
-    return {e.path: e.size for e in entries}
+        return _checked_sizes(files, spec, options)
+    return _checked_sizes({e.path: e.size for e in entries}, spec, options)
 
 
-def _checkpoints_at(hub: HubSpec, sizes: dict[str, int | None], spec: str, revision) -> list[str]:
+def _checked_sizes(sizes: dict, spec: str, options: HubOptions) -> dict[str, int]:
+    """The listing, if every path is a safe relative name and every size a byte count."""
+    for path, size in sizes.items():
+        _require_safe(path, spec, f"{_source(options)} listed a file named")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InputError(
+                f"{spec}: {_source(options)} listed {path!r} with size {size!r}, which is not a byte count; "
+                "refusing it"
+            )
+    return sizes
+
+
+def _source(options: HubOptions) -> str:
+    """Who told ckptavg a name: the Hub, or the cache when offline."""
+    return f"the cache {options.cache}" if options.is_offline else "the Hub"
+
+
+def _require_safe(name, spec: str, told: str) -> str:
+    """The name, if it can be used as a path inside the cache; else one line that says what is wrong."""
+    reason = _unsafe_reason(name)
+    if reason:
+        raise InputError(f"{spec}: {told} {name!r}, which is not a safe name ({reason}); refusing it")
+    return name
+
+
+def _unsafe_reason(name) -> str | None:
+    """Why a name cannot be joined to a cache folder without risk, or None if it can."""
+    if not isinstance(name, str) or not name:
+        return "not a non-empty string"
+    if _CONTROL_CHARS.search(name):
+        return "it holds a control character"
+    if "\\" in name:
+        return "it holds a backslash"
+    if name.startswith("/"):
+        return "it is absolute"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return "it has an empty, '.' or '..' part"
+    return None
+
+
+def _checkpoints_at(hub: HubSpec, sizes: dict[str, int], spec: str, revision) -> list[str]:
     """The weights files (or indexes) the spec's PATH names at one revision."""
     folders = {str(parent) for path in sizes for parent in PurePosixPath(path).parents if str(parent) != "."}
     listing = _listing(sizes, folders)
@@ -246,7 +319,7 @@ def _checkpoints_at(hub: HubSpec, sizes: dict[str, int | None], spec: str, revis
     return found
 
 
-def _listing(sizes: dict[str, int | None], folders: set[str]):
+def _listing(sizes: dict[str, int], folders: set[str]):
     """A `sources.Listing` over the repo's paths: the names directly inside a folder."""
 
     def children(paths, folder: str) -> list[str]:
@@ -256,18 +329,13 @@ def _listing(sizes: dict[str, int | None], folders: set[str]):
     return lambda folder: (children(sizes, folder), children(folders, folder))
 
 
-def _files_to_fetch(checkpoint: _Checkpoint, sizes: dict[str, int | None], options: HubOptions) -> dict:
+def _files_to_fetch(checkpoint: _Checkpoint, sizes: dict[str, int], spec: str, options: HubOptions) -> dict:
     """The weights (all shards of an index) and, for a model folder, its config and tokenizer files."""
     folder = str(PurePosixPath(checkpoint.weights).parent)
     prefix = "" if folder == "." else folder + "/"
     wanted = [checkpoint.weights]
     if checkpoint.weights.endswith(INDEX_SUFFIX):
-        index = _fetch_one(checkpoint, checkpoint.weights, options)
-        try:
-            shards = sorted(set(json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise InputError(f"{checkpoint.label}: not a valid shard index ({e})") from e
-        wanted += [prefix + shard for shard in shards]
+        wanted += [prefix + shard for shard in sorted(set(_weight_map(checkpoint, spec, options).values()))]
     siblings = [p for p in sizes if str(PurePosixPath(p).parent) == folder]
     if prefix + HF_CONFIG_NAME in sizes:
         wanted += [p for p in siblings if is_model_side_file(p.rsplit("/", 1)[-1])]
@@ -275,6 +343,25 @@ def _files_to_fetch(checkpoint: _Checkpoint, sizes: dict[str, int | None], optio
     if missing:
         raise InputError(f"{checkpoint.label}: names {missing[0]}, which is not in the repo at that revision")
     return {p: sizes[p] for p in wanted}
+
+
+def _weight_map(checkpoint: _Checkpoint, spec: str, options: HubOptions) -> dict[str, str]:
+    """The shard index's tensor -> file map, if it is one and names only safe relative files."""
+    index = _fetch_one(checkpoint, checkpoint.weights, options)
+    try:
+        weight_map = json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{spec}: {checkpoint.label} is not a valid shard index ({_first_line(e)})") from e
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise InputError(
+            f"{spec}: the weight_map of {checkpoint.label} is not a mapping of tensor names to file names; "
+            "refusing it"
+        )
+    for shard in set(weight_map.values()):
+        _require_safe(shard, spec, f"the shard index {checkpoint.label} lists a file named")
+    return weight_map
 
 
 def _fetch_one(checkpoint: _Checkpoint, filename: str, options: HubOptions) -> str:
@@ -353,10 +440,8 @@ def _headers(checkpoint: _Checkpoint, spec: str, options: HubOptions) -> Source:
                     )
                 tensors[name] = TensorInfo(info.dtype, tuple(info.shape))
             headers[PurePosixPath(path).name] = (tensors, dict(header.metadata or {}))
-    weight_map = None
-    if checkpoint.weights.endswith(INDEX_SUFFIX):
-        index = _fetch_one(checkpoint, checkpoint.weights, options)
-        weight_map = json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"]
+        is_index = checkpoint.weights.endswith(INDEX_SUFFIX)
+        weight_map = _weight_map(checkpoint, spec, options) if is_index else None
     return Source(Path(checkpoint.label), checkpoint.label, checkpoint.origin, headers=(headers, weight_map))
 
 
@@ -391,6 +476,128 @@ def _quiet_tqdm():
 
 
 @contextmanager
+def _watched_hub_session() -> Iterator[None]:
+    """huggingface_hub's shared HTTP client with ckptavg's deadlines and checks, for the calls made inside.
+
+    The client still comes from the factory that was in place (a program's own, or huggingface_hub's
+    default), and that factory is put back afterwards: a program that also uses huggingface_hub keeps
+    its configuration, and only ckptavg's calls get the deadlines.
+    """
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http
+
+    window = _hub_timeout()
+    previous = _http._GLOBAL_CLIENT_FACTORY  # huggingface_hub has no public getter for it
+    set_client_factory(lambda: _watched_client(previous(), window))
+    try:
+        yield
+    finally:
+        set_client_factory(previous)
+
+
+def _hub_timeout() -> float:
+    """The deadline window in seconds, from CKPTAVG_HUB_TIMEOUT."""
+    text = os.environ.get(_TIMEOUT_VARIABLE, "").strip()
+    if not text:
+        return _DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise InputError(
+            f"{_TIMEOUT_VARIABLE}={text!r} is not a number of seconds above 0; set it to e.g. "
+            f"{_DEFAULT_TIMEOUT_S:g}, or unset it"
+        )
+    return seconds
+
+
+def _watched_client(client, window: float):
+    """The client, with every wait capped at the window and every answer checked and watched for progress."""
+    hooks = client.event_hooks
+    client.event_hooks = {
+        "request": [*hooks["request"], partial(_cap_timeouts, window=window)],
+        "response": [*hooks["response"], partial(_watch_answer, window=window)],
+    }
+    return client
+
+
+def _cap_timeouts(request, *, window: float) -> None:
+    """No connect, send, read or wait for a free connection longer than the window; shorter ones stay."""
+    asked = request.extensions.get("timeout") or {}
+    request.extensions["timeout"] = {
+        kind: window if asked.get(kind) is None else min(asked[kind], window) for kind in _TIMEOUT_KINDS
+    }
+
+
+def _watch_answer(response, *, window: float) -> None:
+    """Check the headers of the answer, then watch its body for progress."""
+    url = str(response.request.url)
+    _check_file_headers(response.headers, url)
+    response.stream = _progress_watch()(response.stream, url, window)
+
+
+def _check_file_headers(headers, url: str) -> None:
+    """Refuse the ETags and commit id that huggingface_hub joins to cache paths without checking them."""
+    for header in ("ETag", "X-Linked-Etag"):
+        etag = headers.get(header)
+        if etag is None:
+            continue
+        name = etag.removeprefix("W/").strip('"')
+        reason = _unsafe_reason(name) or ("it holds a slash" if "/" in name else None)
+        if reason:
+            raise _HubMisbehaved(
+                f"the Hub at {url} sent {header} {etag!r}, which is not a safe name ({reason}); refusing it"
+            )
+    commit = headers.get("X-Repo-Commit")
+    if commit is not None and not _COMMIT_ID.fullmatch(commit):
+        raise _HubMisbehaved(
+            f"the Hub at {url} sent X-Repo-Commit {commit!r}, which is not a commit id "
+            "(40 lowercase hex digits); refusing it"
+        )
+
+
+@cache
+def _progress_watch():
+    """A response body that must keep coming: under 1 kB in a window of the timeout abandons it.
+
+    In the spirit of curl's --speed-limit/--speed-time: a server that trickles, or stops in the
+    middle (a read that times out), fails the run in bounded time instead of holding it forever.
+    It is not retried: huggingface_hub would retry a timeout several times over.
+    """
+    import httpx2
+
+    class ProgressWatch(httpx2.SyncByteStream):
+        def __init__(self, stream, url: str, window: float):
+            self._stream, self._url, self._window = stream, url, window
+
+        def __iter__(self):
+            started, received = time.monotonic(), 0
+            try:
+                for chunk in self._stream:
+                    received += len(chunk)
+                    if time.monotonic() - started >= self._window:
+                        if received < _MIN_BYTES_PER_WINDOW:
+                            raise self._stalled()
+                        started, received = time.monotonic(), 0
+                    yield chunk
+            except httpx2.TimeoutException as e:
+                raise self._stalled() from e
+
+        def close(self):
+            self._stream.close()
+
+        def _stalled(self) -> _HubMisbehaved:
+            least = format_bytes(_MIN_BYTES_PER_WINDOW)
+            return _HubMisbehaved(
+                f"the Hub at {self._url} stopped sending data (less than {least} in {self._window:g} s); "
+                f"try again later, or raise {_TIMEOUT_VARIABLE} (seconds) on a slow connection"
+            )
+
+    return ProgressWatch
+
+
+@contextmanager
 def _hub_errors(spec: str, options: HubOptions, checkpoint: _Checkpoint | None = None) -> Iterator[None]:
     """huggingface_hub's typed failures as one line that names the spec and says what to do."""
     from huggingface_hub import errors
@@ -401,6 +608,19 @@ def _hub_errors(spec: str, options: HubOptions, checkpoint: _Checkpoint | None =
         yield
     except InputError:
         raise
+    except _HubMisbehaved as e:
+        raise InputError(f"{spec}: {e}") from e
+    except json.JSONDecodeError as e:
+        raise InputError(
+            f"{spec}: the Hub at {options.endpoint} answered with something that is not valid JSON "
+            f"({_first_line(e)}); check HF_ENDPOINT, or try again later"
+        ) from e
+    except (errors.SafetensorsParsingError, errors.NotASafetensorsRepoError) as e:
+        what = checkpoint.label if checkpoint else spec
+        raise InputError(
+            f"{spec}: {what} does not start with a safetensors header ckptavg can read ({_first_line(e)}); "
+            "the file is damaged or not safetensors"
+        ) from e
     except errors.GatedRepoError as e:
         raise InputError(
             f"{spec}: {repo} is gated; request access on its page on the Hub, then pass "

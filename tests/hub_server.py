@@ -4,6 +4,10 @@ Enough for the real `huggingface_hub` client: repo info per revision, refs, recu
 listings, and HEAD/GET (with ranges) of files under `/{repo}/resolve/{revision}/{path}`,
 with the Hub's error codes (`X-Error-Code`) for missing repos, revisions and files, and
 gated repos. Every request is recorded in `requests`, so tests can count downloads.
+
+`hostile` switches on the behaviours of a compromised or broken Hub: answers that
+trickle, stall, stop short of their `Content-Length` or are not JSON, a reported
+commit id, ETag, tree entries or file sizes of its choosing (see `Hostile`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class Repo:
     commits: dict[str, dict[str, bytes]] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    pull_requests: dict[str, str] = field(default_factory=dict)  # ref ("refs/pr/1") -> sha
     gated: bool = False
 
     def commit(self, files: dict[str, bytes], *, branch: str | None = None, tag: str | None = None) -> str:
@@ -41,13 +46,42 @@ class Repo:
     def resolve(self, revision: str) -> str | None:
         if revision in self.commits:
             return revision
-        return self.branches.get(revision) or self.tags.get(revision)
+        return self.branches.get(revision) or self.tags.get(revision) or self.pull_requests.get(revision)
+
+
+@dataclass
+class Hostile:
+    """What a compromised Hub does; the patterns are regular expressions searched in request paths.
+
+    Attributes:
+        trickle: GET bodies sent one byte every two seconds.
+        silent: GET bodies never sent (the headers are).
+        short: GET bodies cut to half their `Content-Length`, then the connection closed.
+        garbage: API answers that are not JSON.
+        sha: the commit id the revision API reports, instead of the real one.
+        etag: the ETag of every file, instead of its hash.
+        commit_header: the `X-Repo-Commit` of every file, instead of its commit id.
+        tree: entries added to every tree listing.
+        sizes: path -> the size the tree listing reports for that file.
+    """
+
+    trickle: str | None = None
+    silent: str | None = None
+    short: str | None = None
+    garbage: str | None = None
+    sha: str | None = None
+    etag: str | None = None
+    commit_header: str | None = None
+    tree: list[dict] = field(default_factory=list)
+    sizes: dict[str, object] = field(default_factory=dict)
 
 
 class HubServer:
     def __init__(self):
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
+        self.hostile = Hostile()
+        self._stopping = threading.Event()  # ends trickling and silent answers
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -60,6 +94,7 @@ class HubServer:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -125,7 +160,7 @@ def _handler(hub: HubServer):
                     {
                         "id": repo_id,
                         "modelId": repo_id,
-                        "sha": sha,
+                        "sha": hub.hostile.sha or sha,
                         "private": False,
                         "siblings": [{"rfilename": p} for p in sorted(files)],
                     },
@@ -144,7 +179,10 @@ def _handler(hub: HubServer):
                     "branches": refs(repo.branches, "heads"),
                     "tags": refs(repo.tags, "tags"),
                     "converts": [],
-                    "pullRequests": [],
+                    "pullRequests": [
+                        {"name": ref.rsplit("/", 1)[-1], "ref": ref, "targetCommit": s}
+                        for ref, s in sorted(repo.pull_requests.items())
+                    ],
                 },
                 body,
             )
@@ -161,15 +199,15 @@ def _handler(hub: HubServer):
                 parts = file.split("/")
                 for depth in range(1, len(parts)):
                     folders.add("/".join(parts[:depth]))
-                entries.append(
-                    {"type": "file", "path": file, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
-                )
+                size = hub.hostile.sizes.get(file, len(data))
+                oid = hashlib.sha1(data).hexdigest()
+                entries.append({"type": "file", "path": file, "size": size, "oid": oid})
             entries += [
                 {"type": "directory", "path": f, "size": 0, "oid": "0" * 40}
                 for f in sorted(folders)
                 if not prefix or f.startswith(prefix + "/")
             ]
-            self._json(entries, body)
+            self._json(entries + hub.hostile.tree, body)
 
         def _resolve(self, repo_id, repo, groups, body):
             revision, file = groups
@@ -185,23 +223,51 @@ def _handler(hub: HubServer):
                 status, start = 206, int(match.group(1))
                 end = min(int(match.group(2)) + 1, len(data)) if match.group(2) else len(data)
             self.send_response(status)
-            self.send_header("X-Repo-Commit", sha)
-            self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+            self.send_header("X-Repo-Commit", hub.hostile.commit_header or sha)
+            self.send_header("ETag", f'"{hub.hostile.etag or hashlib.sha256(data).hexdigest()}"')
             self.send_header("Content-Length", str(end - start))
             self.send_header("Accept-Ranges", "bytes")
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
             self.end_headers()
             if body:
-                self.wfile.write(data[start:end])
+                self._send_body(data[start:end])
 
         def _json(self, content, body):
             data = json.dumps(content).encode()
+            if self._hostile(hub.hostile.garbage):
+                data = b"{this is not JSON"
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             if body:
+                self._send_body(data)
+
+        def _hostile(self, pattern: str | None) -> bool:
+            return pattern is not None and re.search(pattern, urlsplit(self.path).path) is not None
+
+        def _trickle(self, data: bytes):
+            try:
+                for i in range(len(data)):
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+                    if hub._stopping.wait(2):
+                        return
+            except OSError:  # the client gave up, as it should
+                self.close_connection = True
+
+        def _send_body(self, data: bytes):
+            """The body as the hostile settings say: whole, trickling, never, or cut short."""
+            if self._hostile(hub.hostile.trickle):
+                self._trickle(data)
+            elif self._hostile(hub.hostile.silent):
+                self.wfile.flush()
+                hub._stopping.wait()
+            elif self._hostile(hub.hostile.short):
+                self.wfile.write(data[: len(data) // 2])
+                self.close_connection = True
+            else:
                 self.wfile.write(data)
 
         def _error(self, status, code, message):
