@@ -63,6 +63,23 @@ USER_DTYPE_NAMES: dict[str, str] = {
 }
 
 
+# The largest byte count a 64-bit signed size (torch's, the safetensors offsets') can hold.
+MAX_BYTES = 2**63 - 1
+
+
+def addressable(dtype: str, shape: tuple[int, ...]) -> bool:
+    """Whether a tensor of `shape` could exist at all, zero dimensions counted as one.
+
+    An empty tensor stores nothing whatever its other dimensions, but torch still
+    computes strides from them and safetensors overflows on some orders: a shape
+    such as [0, 2**62] is damage, never a real tensor, and must not reach an output.
+    """
+    extent = itemsize(dtype)
+    for dim in shape:
+        extent *= max(dim, 1)
+    return all(dim >= 0 for dim in shape) and extent <= MAX_BYTES
+
+
 def is_known(dtype: str) -> bool:
     return dtype in _DTYPES
 

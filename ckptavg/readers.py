@@ -16,6 +16,7 @@ write into a returned tensor (the pages would turn into private copies).
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -26,11 +27,11 @@ from pathlib import Path
 from . import dtypes
 from .dtypes import TensorInfo
 from .errors import InputError
-from .torch_format import TORCH_SUFFIXES, find_state_dict, load_torch_file, scalar_entries, tied_groups
-from .writer import METADATA_KEY
+from .torch_format import TORCH_SUFFIXES, read_torch_weights, tied_groups
 
 INDEX_SUFFIX = ".index.json"
 SAFETENSORS_SUFFIX = ".safetensors"
+_LOOP = "a symlink that loops back on itself (circular)"
 
 
 class Checkpoint:
@@ -186,6 +187,8 @@ def open_checkpoint(
         shard_paths = []
         for shard_name in dict.fromkeys(weight_map.values()):
             shard = path.parent / shard_name
+            if _loops(shard):
+                raise InputError(f"{path}: names shard {shard_name}, {_LOOP}; point it at the shard file")
             if not shard.is_file():
                 raise InputError(f"{path}: names shard {shard_name}, which does not exist")
             shard_paths.append(shard)
@@ -215,7 +218,28 @@ def open_headers(
     return Checkpoint(Path(label), shards, weight_map, strip_prefix, label, origin)
 
 
+def _loops(path: Path) -> bool:
+    """Whether `path` is a symlink that leads back to itself, which reads as "no such file" otherwise."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
+
+
+def _checked_info(path: Path, name: str, dtype: str, shape: tuple[int, ...]) -> TensorInfo:
+    """The tensor's `TensorInfo`, once its shape is seen to fit a 64-bit address space."""
+    if not dtypes.addressable(dtype, shape):
+        raise InputError(
+            f"{path}: tensor '{name}' has shape {list(shape)}, too large for any tensor even with its zero "
+            "dimensions (the header is damaged); save the checkpoint again"
+        )
+    return TensorInfo(dtype, shape)
+
+
 def _open_file(path: Path, key: str | None):
+    if _loops(path):
+        raise InputError(f"{path}: {_LOOP}; point it at the checkpoint file")
     if path.name.endswith(TORCH_SUFFIXES):
         return _TorchFile(path, key)
     if path.suffix == SAFETENSORS_SUFFIX:
@@ -248,11 +272,11 @@ class _SafetensorsFile:
             dtype = view.get_dtype()
             if not dtypes.is_known(dtype):
                 raise InputError(f"{path}: tensor '{name}' has dtype {dtype}, which ckptavg cannot average")
-            self.tensors[name] = TensorInfo(dtype, tuple(view.get_shape()))
+            self.tensors[name] = _checked_info(path, name, dtype, tuple(view.get_shape()))
         self.metadata = dict(handle.metadata() or {})
         self.scalars = _numbers(self.metadata)
         self._bytes = None
-        self.offsets = _data_offsets(path)
+        self.offsets = _data_offsets(path, self.tensors)
 
     def get(self, name: str, info: TensorInfo):
         begin, end = self.offsets[name]
@@ -284,17 +308,35 @@ class _SafetensorsFile:
         self._bytes = torch.frombuffer(mapped, dtype=torch.uint8)
 
 
-def _data_offsets(path: Path) -> dict[str, tuple[int, int]]:
-    """Each tensor's byte range in the file (the header was validated by safetensors already)."""
+def _data_offsets(path: Path, tensors: dict[str, TensorInfo]) -> dict[str, tuple[int, int]]:
+    """Each tensor's byte range in the file, from the header safetensors validated.
+
+    Read again here, so it must say what safetensors read: a name listed twice (each
+    reader might keep another entry) or a range that does not fit its tensor is refused.
+    """
     with open(path, "rb") as f:
         (header_length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_length))
+        text = f.read(header_length)
     start = 8 + header_length
-    return {
-        name: (start + entry["data_offsets"][0], start + entry["data_offsets"][1])
-        for name, entry in header.items()
-        if name != METADATA_KEY
-    }
+    try:
+        entries = json.loads(text, object_pairs_hook=_no_duplicates)
+        ranges = {name: tuple(entries[name]["data_offsets"]) for name in tensors}
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise InputError(f"{path}: its header reads differently to safetensors ({e}); save it again") from e
+    for name, (begin, end) in ranges.items():
+        if end - begin != tensors[name].nbytes:
+            raise InputError(
+                f"{path}: tensor '{name}' has a byte range that does not fit its shape; save it again"
+            )
+    return {name: (start + begin, start + end) for name, (begin, end) in ranges.items()}
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise ValueError(f"'{twice}' is listed twice")
+    return dict(pairs)
 
 
 class _HeaderOnlyFile:
@@ -320,23 +362,24 @@ class _TorchFile:
     def __init__(self, path: Path, key: str | None):
         self.path = path
         self.stamp = _stamp(path)
-        content = load_torch_file(path)
-        self.scalars = scalar_entries(content)
-        tensors, used_key, skipped = find_state_dict(content, path, key)
+        weights = read_torch_weights(path, key)
+        self.scalars = weights.scalars
         self.tensors = {}
-        for name, tensor in tensors.items():
+        for name, tensor in weights.tensors.items():
             try:
                 dtype = dtypes.safetensors_name(tensor.dtype)
             except KeyError:
                 raise InputError(
                     f"{path}: tensor '{name}' has dtype {tensor.dtype}, which ckptavg cannot average"
                 ) from None
-            self.tensors[name] = TensorInfo(dtype, tuple(tensor.shape))
-        self._values = tensors
-        self.tied = tied_groups(tensors)
-        self.notes = [f"torch, key '{used_key}'" if used_key else "torch, flat state dict"]
-        if skipped:
-            self.notes.append(f"{skipped} non-tensor entr{'y' if skipped == 1 else 'ies'} skipped")
+            self.tensors[name] = _checked_info(path, name, dtype, tuple(tensor.shape))
+        self._values = weights.tensors
+        self.tied = tied_groups(weights.tensors)
+        self.notes = [f"torch, key '{weights.key}'" if weights.key else "torch, flat state dict"]
+        if weights.skipped:
+            self.notes.append(
+                f"{weights.skipped} non-tensor entr{'y' if weights.skipped == 1 else 'ies'} skipped"
+            )
 
     def get(self, name: str, info: TensorInfo):
         return self._values[name]
