@@ -34,8 +34,12 @@ def bare_ckptavg(tmp_path_factory) -> Path:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     extras = subprocess.run(
-        [python, "-c", "import importlib.util as u; print([m for m in ('pytest', 'hypothesis', "
-         "'transformers', 'torchvision', 'sklearn') if u.find_spec(m)])"],
+        [
+            python,
+            "-c",
+            "import importlib.util as u; print([m for m in ('pytest', 'hypothesis', "
+            "'transformers', 'torchvision', 'sklearn') if u.find_spec(m)])",
+        ],
         capture_output=True,
         text=True,
     )
