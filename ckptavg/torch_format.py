@@ -1,18 +1,12 @@
 """Torch checkpoints (`.pt .pth .bin .ckpt`): find the weights, never run code.
 
-Files are read with `torch.load(weights_only=True, mmap=True)`: lazy for the
-zip format (an optimizer state next to the weights is never read into memory)
-and unable to run code hidden in a pickle. A few data-only classes that common
-training scripts put next to the weights (the `args` Namespace of torchvision's
-reference scripts, Lightning's `AttributeDict` of hyper-parameters, paths, numpy
-scalars) are allowed by name; any other class is refused, and named.
-
-`torch.load` trusts the archive: a tensor whose storage record is shorter than
-the tensor silently reads the zip bytes that follow it. So before loading, the
-zip directory is checked (every record inside the file, stored, not overlapping
-another) and the pickle is unpickled once more, by torch's weights-only
-unpickler, onto meta-device storages: that names each weight's record and its
-declared size, and shows sparse or quantized tensors, without reading any data.
+Zip archives are checked, unpickled by torch's weights-only unpickler and mapped
+by `torch_archive` (an optimizer state next to the weights is never read), and
+legacy files are read by `torch.load(weights_only=True)`: no code hidden in a
+pickle can run. A few data-only classes that common training scripts put next
+to the weights (the `args` Namespace of torchvision's reference scripts,
+Lightning's `AttributeDict` of hyper-parameters, paths, numpy scalars) are
+allowed by name; any other class is refused, and named.
 """
 
 from __future__ import annotations
@@ -20,19 +14,17 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import io
-import itertools
 import os
 import pathlib
 import pickle
 import re
 import warnings
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
+from .torch_archive import TorchArchive, is_zip_archive
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pth.tar")  # .pth.tar: timm's train.py
 # Where training loops keep the weights, in the order they are looked for.
@@ -80,6 +72,9 @@ class TorchWeights:
 def read_torch_weights(path: Path, key: str | None = None) -> TorchWeights:
     """The weights of a torch file, checked to be dense tensors whose bytes all lie in their records.
 
+    A zip archive is read by `torch_archive` (checked, unpickled once, mapped); a
+    legacy (pre-1.6) file by `torch.load`, whole, since it cannot be mapped.
+
     Raises:
         InputError: the file is not a readable torch checkpoint, needs classes that
             could run code, is damaged (a record past the end of the file, a storage
@@ -87,18 +82,50 @@ def read_torch_weights(path: Path, key: str | None = None) -> TorchWeights:
             the meta device (named in the message).
     """
     with _loading(path):
-        unchecked = _check_archive(path, key) if _is_zip_archive(path) else None
-        content = _load(path)
+        if not is_zip_archive(path):
+            return _weights_in(path, _load_legacy(path), key)
+        try:
+            archive = TorchArchive(path)
+        except NotImplementedError as e:  # quantized or nested tensors have no meta-device form
+            _weights_in(path, _load_mapped(path), key)  # names the tensor, if it is one of the weights
+            raise InputError(
+                f"{path}: holds tensors whose storage ckptavg cannot check ({str(e).splitlines()[0]}); save "
+                "the weights alone, e.g. torch.save(model.state_dict(), 'weights.pt'), or convert them to "
+                "safetensors"
+            ) from e
+        tensors, used_key, skipped = find_state_dict(archive.content, path, key)
+        for name, tensor in tensors.items():
+            refusal = unaverageable(tensor) or archive.problem(tensor)
+            if refusal:
+                raise InputError(f"{path}: tensor '{name}' {refusal}")
+        views = {name: archive.view(tensor) for name, tensor in tensors.items()}
+        return TorchWeights(views, used_key, skipped, scalar_entries(_with_numbers_read(archive)))
+
+
+def _with_numbers_read(archive: TorchArchive) -> object:
+    """The archive's top level with its one-element tensors (a step, a metric) read from the file."""
+    import torch
+
+    if not isinstance(archive.content, Mapping):
+        return archive.content
+    return {
+        key: archive.view(value)
+        if isinstance(value, torch.Tensor)
+        and value.numel() == 1
+        and not unaverageable(value)
+        and archive.problem(value) is None
+        else value
+        for key, value in archive.content.items()
+    }
+
+
+def _weights_in(path: Path, content: object, key: str | None) -> TorchWeights:
+    """The weights of a checkpoint `torch.load` read, refused by name if one cannot be averaged."""
     tensors, used_key, skipped = find_state_dict(content, path, key)
     for name, tensor in tensors.items():
         refusal = unaverageable(tensor) or _not_on_cpu(tensor)
         if refusal:
             raise InputError(f"{path}: tensor '{name}' {refusal}")
-    if unchecked:
-        raise InputError(
-            f"{path}: holds tensors whose storage ckptavg cannot check ({unchecked}); save the "
-            "weights alone, e.g. torch.save(model.state_dict(), 'weights.pt'), or convert them to safetensors"
-        )
     return TorchWeights(tensors, used_key, skipped, scalar_entries(content))
 
 
@@ -154,170 +181,17 @@ def _loading(path: Path):
         ) from e
 
 
-def _load(path: Path) -> object:
+def _load_mapped(path: Path) -> object:
     import torch
 
-    try:
-        return torch.load(path, mmap=True, weights_only=True, map_location="cpu")
-    except RuntimeError as e:
-        if "mmap can only be used with files saved with" not in str(e):
-            raise
-        # Legacy (pre-1.6, non-zip) format: cannot be mapped, so it is read whole.
-        return torch.load(path, mmap=False, weights_only=True, map_location="cpu")
+    return torch.load(path, mmap=True, weights_only=True, map_location="cpu")
 
 
-def _is_zip_archive(path: Path) -> bool:
-    """Whether torch will read the file as a zip archive (as `torch.serialization._is_zipfile` decides)."""
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
-
-
-def _check_archive(path: Path, key: str | None) -> str | None:
-    """Refuse a damaged archive or unaverageable weights before torch maps any tensor.
-
-    Returns:
-        None once every weight is checked, or why the pickle has no meta-device form
-        (quantized, nested tensors): then the weights are refused once loaded.
-    """
-    records, reader = _archive_records(path)
-    try:
-        skeleton, declared = _skeleton(reader)
-    except NotImplementedError as e:
-        return str(e).splitlines()[0]
-    tensors, _, _ = find_state_dict(skeleton.content, path, key)
-    for name, tensor in tensors.items():
-        refusal = unaverageable(tensor) or _storage_problem(tensor, declared, records)
-        if refusal:
-            raise InputError(f"{path}: tensor '{name}' {refusal}")
-    return None
-
-
-def _storage_problem(tensor, declared: dict[int, tuple[str, int]], records: dict) -> str | None:
-    """Why a skeleton tensor's record cannot back it: missing, or shorter than its declared storage."""
-    storage = tensor.untyped_storage()
-    if storage._cdata not in declared:  # rebuilt without a storage: the file's own meta tensor
-        return "is on the meta device, so the file holds no values for it; save the real weights"
-    name, nbytes = declared[storage._cdata]
-    if name not in records:
-        return (
-            f"has its values in record '{name}', which the archive lacks; the file is damaged: save it again"
-        )
-    if nbytes > records[name].size:
-        return (
-            f"needs {nbytes} bytes but its record '{name}' holds {records[name].size}; the file is "
-            "damaged (truncated or badly rewritten): save it again"
-        )
-    return None
-
-
-@dataclass(frozen=True)
-class _Record:
-    """Where a zip record lies in the file, as torch's reader finds it."""
-
-    header: int  # its local zip header
-    start: int  # its bytes
-    size: int
-
-    @property
-    def end(self) -> int:
-        return self.start + self.size
-
-
-def _archive_records(path: Path) -> tuple[dict[str, _Record], object]:
-    """The records of a zip archive whose directory is sound, and torch's reader of it.
-
-    Torch maps the file and takes a tensor's bytes at its record's offset: a record
-    past the end of the file, compressed, or overlapping another would feed it other
-    bytes (or pages past the end, which kill the process), so those are refused here.
-    """
+def _load_legacy(path: Path) -> object:
+    """A pre-1.6 (non-zip) file: it cannot be mapped, so torch reads it whole."""
     import torch
 
-    file_size = os.path.getsize(path)
-    reader = torch._C.PyTorchFileReader(str(path))
-    records = {}
-    for name in reader.get_all_records():
-        record = _Record(
-            reader.get_record_header_offset(name),
-            reader.get_record_offset(name),
-            reader.get_record_size(name),
-        )
-        if record.end > file_size:
-            raise InputError(
-                f"{path}: record '{name}' ends at byte {record.end}, past the end of the file "
-                f"({file_size} bytes); the file is truncated or damaged: copy or save it again"
-            )
-        records[name] = record
-    directory_start = _check_zip_directory(path, records)
-    ordered = sorted(records, key=lambda name: records[name].header)
-    for name, following in itertools.pairwise(ordered):
-        if records[name].end > records[following].header:
-            raise InputError(f"{path}: records '{name}' and '{following}' overlap; the file is damaged")
-    if ordered and records[ordered[-1]].end > directory_start:
-        raise InputError(f"{path}: record '{ordered[-1]}' runs into the zip directory; the file is damaged")
-    return records, reader
-
-
-def _check_zip_directory(path: Path, records: dict[str, _Record]) -> int:
-    """Python's zip reader must see the records torch sees, stored uncompressed; returns where the
-    directory starts."""
-    with zipfile.ZipFile(path) as archive:
-        entries = archive.infolist()
-        directory_start = archive.start_dir
-    names = [entry.filename for entry in entries]
-    if len(set(names)) != len(names) or len(names) != len(records):
-        raise InputError(
-            f"{path}: the zip directory lists records twice or inconsistently; the file is damaged"
-        )
-    for entry in entries:
-        name = entry.filename.partition("/")[2]
-        if entry.compress_type != zipfile.ZIP_STORED or entry.compress_size != entry.file_size:
-            raise InputError(
-                f"{path}: record '{name}' is compressed, and torch maps only stored records; the file was "
-                "rewritten by another tool: save it again with torch.save"
-            )
-        record = records.get(name)
-        if record is None or (record.header, record.size) != (entry.header_offset, entry.file_size):
-            raise InputError(
-                f"{path}: the zip directory's entry for '{name}' is inconsistent; the file is damaged"
-            )
-    return directory_start
-
-
-@dataclass
-class _Skeleton:
-    content: object  # the unpickled checkpoint, every tensor on the meta device
-    storages: list  # the meta storages, kept alive so that their addresses stay theirs
-
-
-def _skeleton(reader) -> tuple[_Skeleton, dict[int, tuple[str, int]]]:
-    """The checkpoint unpickled onto meta storages, and each storage's record and declared size.
-
-    Runs torch's weights-only unpickler (no code runs, the allowed classes are those
-    of `torch.load`) on `data.pkl` alone: no tensor byte is read.
-    """
-    import torch
-    from torch import _weights_only_unpickler
-
-    by_key: dict = {}
-    declared: dict[int, tuple[str, int]] = {}  # meta storage address -> (record, largest size declared)
-
-    def persistent_load(saved_id):
-        _, storage_type, key, _, numel = saved_id
-        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
-        nbytes = numel * dtype.itemsize
-        if key not in by_key:  # as torch.load: the first declaration of a record makes its storage
-            by_key[key] = torch.UntypedStorage(nbytes, device="meta")
-        record, known = declared.get(by_key[key]._cdata, (f"data/{key}", 0))
-        declared[by_key[key]._cdata] = (record, max(known, nbytes))
-        return torch.storage.TypedStorage(wrap_storage=by_key[key], dtype=dtype, _internal=True)
-
-    unpickler = _weights_only_unpickler.Unpickler(io.BytesIO(reader.get_record("data.pkl")), encoding="utf-8")
-    unpickler.persistent_load = persistent_load
-    try:
-        content = unpickler.load()
-    finally:
-        torch._utils._sparse_tensors_to_validate.clear()  # meta tensors: nothing to validate, ever
-    return _Skeleton(content, list(by_key.values())), declared
+    return torch.load(path, mmap=False, weights_only=True, map_location="cpu")
 
 
 def _unsafe_globals(path: Path, error: Exception) -> list[str]:
@@ -438,7 +312,6 @@ def save_torch_file(
     sits in anonymous memory. With `wrap_key`, saves `{wrap_key: state_dict,
     "ckptavg": metadata}`; a plain state dict has nowhere to keep the metadata.
     """
-    import os
 
     import torch
     from safetensors import safe_open
