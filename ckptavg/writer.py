@@ -336,7 +336,17 @@ def _alive(pid: int) -> bool:
         return False
     except OSError:  # another user's process: alive
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """A process that has ended but not been reaped (its parent died too, and nobody waits for it)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):  # no /proc (not Linux): take it as running
+        return False
+    return state in (b"Z", b"X")
 
 
 def kept_files(folder: Path, replaced: set[str]) -> list[str]:

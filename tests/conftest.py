@@ -79,6 +79,19 @@ def poisoned_series(folder: Path, states, name: str, index) -> list[Path]:
     return paths
 
 
+@pytest.fixture(scope="session")
+def large_inputs(tmp_path_factory):
+    """Three 400 MB inputs: a run over them is still reading and writing when a test interrupts it,
+    truncates an input or kills it (made once, then removed)."""
+    folder = tmp_path_factory.mktemp("large")
+    paths = [folder / f"s{i}.safetensors" for i in range(3)]
+    for i, path in enumerate(paths):
+        save_file({"w": torch.full((96, 2**20), float(i)), "b": torch.ones(8)}, path)
+    yield paths
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
 def temp_files(folder: Path) -> list[Path]:
     """Leftovers of an output transaction anywhere under `folder`."""
     return [p for p in folder.rglob("*") if ".ckptavg-tmp" in p.name]

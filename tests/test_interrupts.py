@@ -66,18 +66,6 @@ def test_a_swallowed_interrupt_is_still_honoured(tmp_path, small, signum, code):
     assert temp_files(tmp_path) == []
 
 
-@pytest.fixture(scope="module")
-def large(tmp_path_factory):
-    """Inputs large enough to be still being read when another process truncates one."""
-    folder = tmp_path_factory.mktemp("large")
-    paths = [folder / f"s{i}.safetensors" for i in range(3)]
-    for i, path in enumerate(paths):
-        save_file({"w": torch.full((64, 2**20), float(i))}, path)
-    yield paths
-    for path in folder.iterdir():
-        path.unlink()
-
-
 def start(args, **options) -> subprocess.Popen:
     return subprocess.Popen(
         [CKPTAVG, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options
@@ -91,12 +79,12 @@ def wait_for_temporaries(folder: Path, process: subprocess.Popen) -> None:
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.05, 0.2])
-def test_an_input_truncated_while_read_is_one_line(tmp_path, large, delay):
+def test_an_input_truncated_while_read_is_one_line(tmp_path, large_inputs, delay):
     """A page past the new end of a mapped file is SIGBUS: the supervising parent reports it."""
     victim = tmp_path / "victim.safetensors"
-    victim.write_bytes(large[2].read_bytes())
+    victim.write_bytes(large_inputs[2].read_bytes())
     out = tmp_path / "o.safetensors"
-    process = start(["swa", large[0], large[1], victim, "-o", out, "-q"])
+    process = start(["swa", large_inputs[0], large_inputs[1], victim, "-o", out, "-q"])
     wait_for_temporaries(tmp_path, process)
     time.sleep(delay)
     os.truncate(victim, 4096)
@@ -107,23 +95,25 @@ def test_an_input_truncated_while_read_is_one_line(tmp_path, large, delay):
     assert not out.exists() and temp_files(tmp_path) == []
 
 
-def test_temporaries_of_a_killed_run_are_removed_by_the_next(tmp_path, large):
+def test_temporaries_of_a_killed_run_are_removed_by_the_next(tmp_path, large_inputs):
     out = tmp_path / "o.safetensors"
-    process = start(["swa", *large, "-o", out, "-q"], start_new_session=True)
+    process = start(["swa", *large_inputs, "-o", out, "-q"], start_new_session=True)
     wait_for_temporaries(tmp_path, process)
     os.killpg(process.pid, signal.SIGKILL)  # parent and child: nobody left to clean up
     process.communicate(timeout=60)
     assert temp_files(tmp_path), "the killed run left no temporary file to clean"
-    done = subprocess.run([CKPTAVG, "swa", *large[:2], "-o", out, "-q"], capture_output=True, text=True)
+    done = subprocess.run(
+        [CKPTAVG, "swa", *large_inputs[:2], "-o", out, "-q"], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert temp_files(tmp_path) == []
     assert load_file(out)["w"][0, 0].item() == 0.5
 
 
-def test_sigterm_to_the_command_reaches_the_work_and_cleans_up(tmp_path, large):
+def test_sigterm_to_the_command_reaches_the_work_and_cleans_up(tmp_path, large_inputs):
     out = tmp_path / "o.safetensors"
     out.write_bytes(b"the previous average")
-    process = start(["swa", *large, "-o", out, "--force", "-q"])
+    process = start(["swa", *large_inputs, "-o", out, "--force", "-q"])
     wait_for_temporaries(tmp_path, process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)

@@ -287,27 +287,15 @@ class TestOutputSafety:
         assert temp_files(tmp_path) == []
 
 
-@pytest.fixture(scope="module")
-def big_inputs(tmp_path_factory):
-    """Inputs large enough that a run is still writing when the signal lands (made once, then removed)."""
-    folder = tmp_path_factory.mktemp("big")
-    paths = [folder / f"s{i}.safetensors" for i in range(3)]
-    for i, path in enumerate(paths):
-        save_file({"w": torch.full((96, 2**20), float(i)), "b": torch.ones(8)}, path)
-    yield paths
-    for path in paths:
-        path.unlink()
-
-
 @pytest.mark.skipif(not CKPTAVG.exists(), reason="ckptavg is not installed next to this Python")
 class TestSignals:
     @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
     @pytest.mark.parametrize("delay", [0.0, 0.05, 0.2])
-    def test_interrupted_run_keeps_the_previous_output(self, tmp_path, big_inputs, signum, delay):
+    def test_interrupted_run_keeps_the_previous_output(self, tmp_path, large_inputs, signum, delay):
         out = tmp_path / "o.safetensors"
         out.write_bytes(b"the previous average")
         process = subprocess.Popen(
-            [CKPTAVG, "swa", *big_inputs, "-o", out, "--force"],
+            [CKPTAVG, "swa", *large_inputs, "-o", out, "--force"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
