@@ -443,6 +443,11 @@ def main():
     ckptavg ema --decay 0.9 'ckpts/*.safetensors' -o ema.safetensors --dry-run
     ckptavg swa 'hf://org/run@step14*' -o swa/
     ckptavg inspect ema.safetensors
+
+    \b
+    Environment: HF_TOKEN, HF_ENDPOINT, HF_HUB_CACHE, HF_HUB_OFFLINE as huggingface_hub
+    reads them; CKPTAVG_HUB_TIMEOUT, how many seconds a Hub request may wait or
+    stall before the run stops (default 60).
     """
 
 
