@@ -9,8 +9,8 @@ Heavy modules (torch) load on first use, so `ckptavg --help` starts fast.
 __version__ = "0.1.0"
 
 from .errors import CkptavgError, InputError, MismatchError, OutputError, ScheduleError
+from .inputs.selection import Selection
 from .schedules import ema, power_ema, swa, weighted
-from .selection import Selection
 
 __all__ = [
     "BatchNormPass",
@@ -40,11 +40,11 @@ _LAZY = {
     "open_checkpoints": "api",
     "run_plan": "api",
     "run_plans": "api",
-    "build_plan": "plan",
-    "BatchNormPass": "bn",
-    "DataOptions": "data",
-    "HubOptions": "hub",
-    "open_checkpoint": "readers",
+    "build_plan": "plan.plan",
+    "BatchNormPass": "bn.statistics",
+    "DataOptions": "bn.data",
+    "HubOptions": "inputs.hub",
+    "open_checkpoint": "formats.readers",
 }
 
 

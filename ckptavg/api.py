@@ -18,20 +18,20 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import interrupts, supervision
 from .errors import NonFiniteError, OutputError
-from .hub import HubOptions
+from .inputs.hub import HubOptions
+from .run import interrupts, supervision
 
 if TYPE_CHECKING:
-    from .bn import BatchNormPass
-from .plan import Plan, TensorPlan, build_plan
-from .readers import Checkpoint, open_checkpoint, open_headers
+    from .bn.statistics import BatchNormPass
+from .formats.readers import Checkpoint, open_checkpoint, open_headers
+from .formats.torch_format import save_torch_file
+from .inputs.selection import Selection
+from .inputs.side_files import copy_side_file
+from .inputs.specs import Source, resolve_sources
+from .plan.plan import Plan, TensorPlan, build_plan
+from .run.writer import INDEX_NAME, OutputTransaction, ensure_free_space
 from .schedules import Schedule
-from .selection import Selection
-from .side_files import copy_side_file
-from .sources import Source, resolve_sources
-from .torch_format import save_torch_file
-from .writer import INDEX_NAME, OutputTransaction, ensure_free_space
 
 
 @contextmanager
@@ -150,7 +150,7 @@ def average(
         if bn is None:
             run_plan(plan, device=device, progress=progress)
             return plan
-        from .bn import average_then_recompute_statistics
+        from .bn.statistics import average_then_recompute_statistics
 
         return average_then_recompute_statistics(plan, bn, device=device, progress=progress)
 
@@ -192,8 +192,8 @@ def run_plans(plans: Sequence[Plan], *, device: str = "cpu", progress: bool = Fa
 def _write(plans: list[Plan], *, device: str, progress: bool) -> list[Path]:
     from tqdm.auto import tqdm
 
-    from .engine import Engine, beside_a_writer_thread, resolve_device
-    from .pipeline import WriteQueue
+    from .run.engine import Engine, beside_a_writer_thread, resolve_device
+    from .run.pipeline import WriteQueue
 
     first = plans[0]
     for plan in plans:  # a torch output is streamed to safetensors first, then saved from its map

@@ -15,8 +15,9 @@ import sys
 
 import click
 
-from . import __version__, interrupts, supervision
+from . import __version__
 from .errors import CkptavgError, printable
+from .run import interrupts, supervision
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 EXIT_ERROR = 1
@@ -166,8 +167,8 @@ def _bn_options(data_flag: str, required: bool):
 
 def _bn_pass(options: dict, device: str):
     """The BatchNormPass the bn options describe (removing them from `options`), or None without data."""
-    from .bn import BatchNormPass
-    from .data import DataOptions
+    from .bn.data import DataOptions
+    from .bn.statistics import BatchNormPass
 
     names = (
         "model",
@@ -220,7 +221,7 @@ def _bn_pass(options: dict, device: str):
 
 def _report_pass(plan) -> None:
     """The pass's counts, from the record kept in the output's metadata; unreadable images as a warning."""
-    from .bn import BN_KEY
+    from .bn.statistics import BN_KEY
 
     record = json.loads(plan.provenance[BN_KEY])
     _say(f"recomputed BatchNorm statistics over {record['samples']} inputs in {record['batches']} batches")
@@ -250,7 +251,7 @@ def _hub_option_decorators(command):
 
 
 def _hub(token, cache_dir, offline, progress):
-    from .hub import HubOptions
+    from .inputs.hub import HubOptions
 
     return HubOptions(token=token, cache_dir=cache_dir, offline=offline, progress=progress)
 
@@ -608,8 +609,8 @@ def _average(
     **bn_options,
 ):
     from .api import open_checkpoints, run_plans
-    from .plan import build_plan
-    from .selection import Selection
+    from .inputs.selection import Selection
+    from .plan.plan import build_plan
 
     bn = _bn_pass(bn_options, device)
     if output is None and not dry_run:
@@ -652,7 +653,7 @@ def _average(
             for i, plan in enumerate(plans):
                 _say(*([""] if i else []), *plan.describe())
             if bn is not None:
-                from .bn import describe_pass
+                from .bn.statistics import describe_pass
 
                 _say(describe_pass(bn))
         warnings = plans[0].warnings
@@ -665,7 +666,7 @@ def _average(
         if bn is None:
             run_plans(plans, device=device, progress=progress)
         else:
-            from .bn import average_then_recompute_statistics
+            from .bn.statistics import average_then_recompute_statistics
 
             plans = [average_then_recompute_statistics(plans[0], bn, device=device, progress=progress)]
             if not quiet:
@@ -766,7 +767,7 @@ def bn_update(
     ckptavg swa 'ckpts/*.pt' --bn-data imagenet/train --model timm:resnet50 -o swa_bn.safetensors
     """
     from .api import open_checkpoints
-    from .bn import check_pass, write_with_new_statistics
+    from .bn.statistics import check_pass, write_with_new_statistics
 
     bn = _bn_pass(bn_options, device)
     if output is None and not dry_run:

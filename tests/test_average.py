@@ -79,7 +79,9 @@ class TestAgainstAveragedModel:
 
 class TestEngine:
     def test_large_tensors_are_summed_in_chunks(self, tmp_path, monkeypatch, states):
-        monkeypatch.setattr("ckptavg.engine.CHUNK_ELEMENTS", 7)  # smaller than most tensors, odd on purpose
+        monkeypatch.setattr(
+            "ckptavg.run.engine.CHUNK_ELEMENTS", 7
+        )  # smaller than most tensors, odd on purpose
         paths = save_series(tmp_path / "ckpts", states, dtype=torch.bfloat16)
         ckptavg.average(paths, ckptavg.ema(0.7), out=tmp_path / "ema.safetensors", dtype="float32")
         rounded = [
@@ -96,7 +98,7 @@ class TestEngine:
         self, tmp_path, series, monkeypatch, output_io
     ):
         """Only a writer copying into the page cache needs a core of its own."""
-        from ckptavg.engine import Engine
+        from ckptavg.run.engine import Engine
 
         seen, real_sum, failing = [], Engine._sum, []
 
@@ -297,7 +299,7 @@ class TestFailures:
         out.parent.mkdir()
         out.write_bytes(b"previous result")
         calls = {"n": 0}
-        from ckptavg import writer as writer_module
+        from ckptavg.run import writer as writer_module
 
         real_write = writer_module.SafetensorsWriter.write
 
@@ -314,7 +316,7 @@ class TestFailures:
         assert temp_files(tmp_path) == []
 
     def test_sharded_output_failure_leaves_no_folder(self, tmp_path, series, monkeypatch):
-        from ckptavg import writer as writer_module
+        from ckptavg.run import writer as writer_module
 
         def failing_finish(self):
             raise KeyboardInterrupt
@@ -348,7 +350,7 @@ class TestDevice:
 
 
 def test_memory_estimate_counts_only_the_staging_an_output_can_fill(tmp_path, series):
-    from ckptavg import direct
+    from ckptavg.run import direct
 
     with ckptavg.open_checkpoints(series) as checkpoints:
         planned = ckptavg.build_plan(checkpoints, ckptavg.swa())

@@ -15,11 +15,11 @@ from torch.optim.swa_utils import update_bn
 from torchvision import transforms
 
 import ckptavg
-from ckptavg.bn import BatchNormPass, NoBatchNormError, write_with_new_statistics
+from ckptavg.bn.data import DataOptions
+from ckptavg.bn.imports import ImportSpecError
+from ckptavg.bn.statistics import BatchNormPass, NoBatchNormError, write_with_new_statistics
 from ckptavg.cli import main
-from ckptavg.data import DataOptions
 from ckptavg.errors import InputError, MismatchError
-from ckptavg.imports import ImportSpecError
 
 MODEL = "torchvision.models:resnet18"
 KWARGS = {"num_classes": 10}

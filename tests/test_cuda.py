@@ -23,7 +23,7 @@ pytestmark = [
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr("ckptavg.engine.CHUNK_ELEMENTS", 50)
+    monkeypatch.setattr("ckptavg.run.engine.CHUNK_ELEMENTS", 50)
 
 
 def assert_same_files(cpu_path, cuda_path):
@@ -46,7 +46,7 @@ def test_cuda_equals_cpu(tmp_path, states, dtype, schedule):
 
 def test_large_tensors_match_torch_on_the_gpu(tmp_path, monkeypatch):
     """Full-size chunks and a tensor that ends mid-chunk, against the sum done by torch itself."""
-    monkeypatch.setattr("ckptavg.engine.CHUNK_ELEMENTS", 2**20)
+    monkeypatch.setattr("ckptavg.run.engine.CHUNK_ELEMENTS", 2**20)
     generator = torch.Generator().manual_seed(0)
     states = [{"w": torch.randn(3 * 2**20 + 7, generator=generator).to(torch.bfloat16)} for _ in range(6)]
     paths = save_series(tmp_path / "big", states)
@@ -96,6 +96,6 @@ def test_cli_device_cuda(tmp_path, series):
 
 
 def test_auto_picks_cuda():
-    from ckptavg.engine import resolve_device
+    from ckptavg.run.engine import resolve_device
 
     assert resolve_device("auto").type == "cuda"

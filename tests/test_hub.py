@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save
 import ckptavg
 from ckptavg.cli import main
 from ckptavg.errors import InputError
-from ckptavg.hub import HubOptions, HubSpec
+from ckptavg.inputs.hub import HubOptions, HubSpec
 
 
 def weights(state) -> bytes:

@@ -15,8 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ckptavg.cli import main
-from ckptavg.side_files import MAX_SIDE_FILE_BYTES
-from ckptavg.writer import COPIED_KEY, remove_stale_temporaries, temporary_path
+from ckptavg.inputs.side_files import MAX_SIDE_FILE_BYTES
+from ckptavg.run.writer import COPIED_KEY, remove_stale_temporaries, temporary_path
 
 
 def run(*args):

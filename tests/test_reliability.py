@@ -316,7 +316,7 @@ class TestSignals:
 
 INTERRUPT_AT_RANDOM = """
 import random, signal
-from ckptavg.pipeline import WriteQueue
+from ckptavg.run.pipeline import WriteQueue
 
 def interrupt(signum, frame):
     raise KeyboardInterrupt

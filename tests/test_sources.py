@@ -1,8 +1,8 @@
 import pytest
 
 from ckptavg.errors import InputError
-from ckptavg.sources import natural_key
-from ckptavg.sources import resolve_sources as resolve
+from ckptavg.inputs.specs import natural_key
+from ckptavg.inputs.specs import resolve_sources as resolve
 
 
 def resolve_sources(specs, **options):

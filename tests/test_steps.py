@@ -14,8 +14,8 @@ import ckptavg
 from ckptavg import schedules
 from ckptavg.cli import main
 from ckptavg.errors import ScheduleError
-from ckptavg.readers import Checkpoint
-from ckptavg.steps import infer_step
+from ckptavg.formats.readers import Checkpoint
+from ckptavg.inputs.steps import infer_step
 
 
 class TestInferStep:

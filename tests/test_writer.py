@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ckptavg import direct
-from ckptavg.dtypes import safetensors_name
 from ckptavg.errors import OutputError
-from ckptavg.writer import Entry, OutputTransaction, SafetensorsWriter, layout_order
+from ckptavg.formats.dtypes import safetensors_name
+from ckptavg.run import direct
+from ckptavg.run.writer import Entry, OutputTransaction, SafetensorsWriter, layout_order
 
 ALL_DTYPES = [
     torch.float64,
@@ -130,7 +130,7 @@ class TestSafetensorsWriter:
     def test_writing_starts_no_other_process(self, tmp_path):
         """Starting writeback early must not cost a child process (ctypes' find_library runs ldconfig)."""
         script = f"""
-import sys, torch, ckptavg.writer as writer
+import sys, torch, ckptavg.run.writer as writer
 writer.WRITEBACK_BYTES = 1  # start writeback after every write
 sys.addaudithook(lambda event, args: event.startswith(("subprocess", "os.fork", "os.posix_spawn"))
                  and sys.exit(f"started a process: {{event}} {{args}}"))

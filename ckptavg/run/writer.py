@@ -28,10 +28,11 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from . import dtypes, interrupts, supervision
+from ..errors import OutputError
+from ..formats import dtypes
+from ..units import format_bytes
+from . import interrupts, supervision
 from .direct import DirectAppender, write_at
-from .errors import OutputError
-from .units import format_bytes
 
 HEADER_ALIGNMENT = 8
 TEMP_MARKER = ".ckptavg-tmp"

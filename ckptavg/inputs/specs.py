@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from .errors import InputError
-from .readers import INDEX_SUFFIX, SAFETENSORS_SUFFIX
-from .torch_format import TORCH_SUFFIXES
+from ..errors import InputError
+from ..formats.readers import INDEX_SUFFIX, SAFETENSORS_SUFFIX
+from ..formats.torch_format import TORCH_SUFFIXES
 
 HUB_PREFIX = "hf://"
 WEIGHT_SUFFIXES = (SAFETENSORS_SUFFIX, *TORCH_SUFFIXES)

@@ -24,9 +24,9 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..errors import InputError
 from . import dtypes
 from .dtypes import TensorInfo
-from .errors import InputError
 from .torch_format import TORCH_SUFFIXES, read_torch_weights, tied_groups
 
 INDEX_SUFFIX = ".index.json"

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 from .imports import resolve_callable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -253,7 +253,7 @@ def _load_inputs(path: Path, key: str | None):
             return numpy.load(path, mmap_mode="r")
         except (OSError, ValueError) as e:
             raise InputError(f"{path}: not a readable .npy file ({e})") from e
-    from .readers import open_checkpoint
+    from ..formats.readers import open_checkpoint
 
     with open_checkpoint(path) as checkpoint:
         names = list(checkpoint.tensors)

@@ -15,12 +15,12 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ..errors import SHOWN_NAMES, CkptavgError, InputError, name_list
+from ..formats.readers import Checkpoint
+from ..plan.plan import OutputFile, Plan, build_plan
+from ..schedules import swa
 from .data import Batches, DataOptions, open_batches
-from .errors import SHOWN_NAMES, CkptavgError, InputError, name_list
 from .imports import build_model
-from .plan import OutputFile, Plan, build_plan
-from .readers import Checkpoint
-from .schedules import swa
 
 BN_KEY = "ckptavg.bn"
 
@@ -72,7 +72,7 @@ def recompute_statistics(checkpoint: Checkpoint, bn: BatchNormPass, *, progress:
     from torch.optim.swa_utils import update_bn
     from tqdm.auto import tqdm
 
-    from .engine import resolve_device
+    from ..run.engine import resolve_device
 
     model = build_model(bn.model, bn.model_kwargs)
     statistics = _statistics_names(model)
@@ -129,7 +129,7 @@ def write_with_new_statistics(
     The output is checked before the pass (so a mistake costs no data pass);
     every tensor but the statistics is copied unchanged, in its own dtype.
     """
-    from .api import run_plan
+    from ..api import run_plan
 
     replacements: dict = {}
     updated = _WithReplacements.wrap(checkpoint, replacements)
@@ -154,9 +154,9 @@ def average_then_recompute_statistics(
     dtypes, flat memory), the pass runs on it, and the output is written from
     it with the new statistics, keeping the plan's layout and provenance.
     """
-    from .api import run_plan
-    from .readers import open_checkpoint
-    from .writer import temporary_path
+    from ..api import run_plan
+    from ..formats.readers import open_checkpoint
+    from ..run.writer import temporary_path
 
     target = plan.output
     scratch = temporary_path(target, ".safetensors")
@@ -227,7 +227,7 @@ def _load_weights(model, checkpoint: Checkpoint, spec: str) -> None:
 
 def _check_fit(model, checkpoint: Checkpoint, spec: str) -> None:
     """Names and shapes of the weights against the model's, all listed at once (strict loading)."""
-    from .errors import MismatchError
+    from ..errors import MismatchError
 
     expected = model.state_dict()
     missing = sorted(expected.keys() - checkpoint.tensors.keys())

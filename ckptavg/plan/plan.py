@@ -17,16 +17,15 @@ from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
 
-from . import __version__, dtypes
-from .direct import STAGING_BUFFERS, STAGING_BYTES
-from .errors import MismatchError, OutputError, name_list
-from .readers import Checkpoint
-from .schedules import Schedule, effective_count, implied_sigma_rel
-from .selection import Selection, select
-from .side_files import allowed_root, find_side_files
-from .steps import resolve_steps
-from .units import format_bytes, parse_size
-from .writer import (
+from .. import __version__
+from ..errors import MismatchError, OutputError, name_list
+from ..formats import dtypes
+from ..formats.readers import Checkpoint
+from ..inputs.selection import Selection, select
+from ..inputs.side_files import allowed_root, find_side_files
+from ..inputs.steps import resolve_steps
+from ..run.direct import STAGING_BUFFERS, STAGING_BYTES
+from ..run.writer import (
     COPIED_KEY,
     INDEX_NAME,
     SHARD_NAME,
@@ -38,6 +37,8 @@ from .writer import (
     kept_files,
     layout_order,
 )
+from ..schedules import Schedule, effective_count, implied_sigma_rel
+from ..units import format_bytes, parse_size
 
 # Elements per chunk of a large tensor: working memory is a few chunks, whatever the model size.
 CHUNK_ELEMENTS = 2**20  # 4 MB of fp32: the accumulator and its scratch stay in the CPU's cache

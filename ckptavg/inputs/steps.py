@@ -45,7 +45,7 @@ def resolve_steps(
     """Steps and their sources for every checkpoint; `given` (from --steps) wins."""
     if given is not None:
         if len(given) != len(labels):
-            from .errors import ScheduleError
+            from ..errors import ScheduleError
 
             raise ScheduleError(
                 f"--steps has {len(given)} values for {len(labels)} checkpoints; give one each"

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from .errors import CkptavgError
+from ..errors import CkptavgError
 
 # Shorthands: `torchvision:resnet50`, `timm:resnet50`.
 _SHORTHANDS = {"torchvision": "torchvision.models"}

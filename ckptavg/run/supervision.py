@@ -24,7 +24,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import printable
+from ..errors import printable
 
 _FORWARDED = ("SIGTERM", "SIGINT", "SIGHUP")
 _POLL_SECONDS = 0.2

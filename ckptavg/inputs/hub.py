@@ -41,11 +41,13 @@ from fnmatch import fnmatchcase
 from functools import cache, partial
 from pathlib import Path, PurePosixPath
 
-from . import dtypes
-from .dtypes import TensorInfo
-from .errors import InputError
-from .readers import INDEX_SUFFIX
-from .sources import (
+from ..errors import InputError
+from ..formats import dtypes
+from ..formats.dtypes import TensorInfo
+from ..formats.readers import INDEX_SUFFIX
+from ..run.writer import free_space
+from ..units import format_bytes
+from .specs import (
     GLOB_CHARS,
     HF_CONFIG_NAME,
     HUB_PREFIX,
@@ -54,8 +56,6 @@ from .sources import (
     is_model_side_file,
     natural_key,
 )
-from .units import format_bytes
-from .writer import free_space
 
 _SPEC = re.compile(
     r"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>refs/(?:pr|convert)/[^/]+|[^/]+))?(?:/(?P<path>.*))?$"

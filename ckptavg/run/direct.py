@@ -16,7 +16,7 @@ import mmap
 import os
 from pathlib import Path
 
-from .errors import OutputError
+from ..errors import OutputError
 from .pipeline import BufferPool, WriteQueue
 
 STAGING_BYTES = 4 * 2**20  # a multiple of every block size O_DIRECT aligns to

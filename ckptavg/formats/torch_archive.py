@@ -22,7 +22,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 PICKLE_RECORD = "data.pkl"
 _BYTE_ORDER_RECORD = "byteorder"

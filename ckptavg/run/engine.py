@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import dtypes
-from .errors import CkptavgError, NonFiniteError
+from ..errors import CkptavgError, NonFiniteError
+from ..formats import dtypes
+from ..plan.plan import BUFFERS_IN_FLIGHT, CHUNK_ELEMENTS, Plan, Run, TensorPlan
 from .pipeline import BufferPool
-from .plan import BUFFERS_IN_FLIGHT, CHUNK_ELEMENTS, Plan, Run, TensorPlan
 
 Release = Callable[[], None] | None
 Chunk = tuple[int, torch.Tensor, Release]  # (byte offset in the tensor, values, release)
