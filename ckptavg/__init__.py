@@ -38,8 +38,8 @@ __all__ = [
 _LAZY = {
     "average": "api",
     "open_checkpoints": "api",
-    "run_plan": "api",
-    "run_plans": "api",
+    "run_plan": "run.executor",
+    "run_plans": "run.executor",
     "build_plan": "plan.plan",
     "BatchNormPass": "bn.statistics",
     "DataOptions": "bn.data",

@@ -608,9 +608,10 @@ def _average(
     metrics,
     **bn_options,
 ):
-    from .api import open_checkpoints, run_plans
+    from .api import open_checkpoints
     from .inputs.selection import Selection
     from .plan.plan import build_plan
+    from .run.executor import run_plans
 
     bn = _bn_pass(bn_options, device)
     if output is None and not dry_run:

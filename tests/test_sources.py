@@ -1,7 +1,7 @@
 import pytest
 
 from ckptavg.errors import InputError
-from ckptavg.inputs.specs import natural_key
+from ckptavg.inputs.folders import natural_key
 from ckptavg.inputs.specs import resolve_sources as resolve
 
 

@@ -129,7 +129,7 @@ def write_with_new_statistics(
     The output is checked before the pass (so a mistake costs no data pass);
     every tensor but the statistics is copied unchanged, in its own dtype.
     """
-    from ..api import run_plan
+    from ..run.executor import run_plan
 
     replacements: dict = {}
     updated = _WithReplacements.wrap(checkpoint, replacements)
@@ -154,8 +154,8 @@ def average_then_recompute_statistics(
     dtypes, flat memory), the pass runs on it, and the output is written from
     it with the new statistics, keeping the plan's layout and provenance.
     """
-    from ..api import run_plan
     from ..formats.readers import open_checkpoint
+    from ..run.executor import run_plan
     from ..run.writer import temporary_path
 
     target = plan.output

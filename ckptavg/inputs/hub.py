@@ -47,7 +47,7 @@ from ..formats.dtypes import TensorInfo
 from ..formats.readers import INDEX_SUFFIX
 from ..run.writer import free_space
 from ..units import format_bytes
-from .specs import (
+from .folders import (
     GLOB_CHARS,
     HF_CONFIG_NAME,
     HUB_PREFIX,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError, ScheduleError
-from .specs import natural_key
+from .folders import natural_key
 
 # Scalars training loops store next to the weights, tried when --metric is not given with --best.
 METRIC_KEYS = ("metric", "best_metric", "best_acc1", "acc1", "accuracy", "val_loss", "loss")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import OutputError
 from ..units import format_bytes
-from .specs import HF_CONFIG_NAME, HUB_PREFIX, is_model_side_file
+from .folders import HF_CONFIG_NAME, HUB_PREFIX, is_model_side_file
 
 MAX_SIDE_FILE_BYTES = 100 * 10**6
 _HUB_SNAPSHOTS = "snapshots"
