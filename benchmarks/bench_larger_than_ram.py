@@ -27,7 +27,8 @@ TENSOR_ELEMENTS = 128 * 2**20  # 256 MB of bf16 per tensor
 def generate(path: Path, gigabytes: float, seed: int) -> None:
     import torch
 
-    from ckptavg.run.writer import Entry, SafetensorsWriter, layout_order
+    from ckptavg.formats.safetensors_header import Entry, layout_order
+    from ckptavg.run.writer import SafetensorsWriter
 
     count = max(1, round(gigabytes * 1e9 / (2 * TENSOR_ELEMENTS)))
     entries = layout_order(

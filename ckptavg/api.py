@@ -27,7 +27,7 @@ from .inputs.folders import Source
 from .inputs.selection import Selection
 from .inputs.specs import resolve_sources
 from .plan.plan import Plan, build_plan
-from .run.executor import run_plan
+from .run.executor import execute
 from .schedules import Schedule
 
 
@@ -145,8 +145,7 @@ def average(
             selection=selection,
         )
         if bn is None:
-            run_plan(plan, device=device, progress=progress)
-            return plan
+            return execute([plan], device=device, progress=progress)[0]
         from .bn.statistics import average_then_recompute_statistics
 
         return average_then_recompute_statistics(plan, bn, device=device, progress=progress)

@@ -611,7 +611,7 @@ def _average(
     from .api import open_checkpoints
     from .inputs.selection import Selection
     from .plan.plan import build_plan
-    from .run.executor import run_plans
+    from .run.executor import execute
 
     bn = _bn_pass(bn_options, device)
     if output is None and not dry_run:
@@ -665,14 +665,14 @@ def _average(
             return
         shown = len(warnings)
         if bn is None:
-            run_plans(plans, device=device, progress=progress)
+            plans = execute(plans, device=device, progress=progress)
         else:
             from .bn.statistics import average_then_recompute_statistics
 
             plans = [average_then_recompute_statistics(plans[0], bn, device=device, progress=progress)]
             if not quiet:
                 _report_pass(plans[0])
-        for warning in warnings[shown:]:  # found while averaging (non-finite values)
+        for warning in plans[0].warnings[shown:]:  # found while averaging (non-finite values)
             _say(f"warning: {warning}", err=True)
     if not quiet:
         from .units import format_bytes

@@ -25,6 +25,11 @@ def name_list(names) -> str:
     return shown + (f" and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else "")
 
 
+def plural(count: int, noun: str) -> str:
+    """`1 checkpoint`, `3 checkpoints`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 class CkptavgError(Exception):
     """Base class: the CLI prints the message as one line and exits non-zero."""
 

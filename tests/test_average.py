@@ -9,6 +9,7 @@ from torch.optim.swa_utils import AveragedModel
 
 import ckptavg
 from ckptavg.errors import InputError, MismatchError, OutputError
+from ckptavg.plan.spans import spans
 
 
 def torch_average(states, decay=None):
@@ -363,7 +364,7 @@ class TestRuns:
     def test_small_tensors_stored_back_to_back_are_summed_as_one_run(self, tmp_path, series, states):
         with ckptavg.open_checkpoints(series) as checkpoints:
             plan = ckptavg.build_plan(checkpoints, ckptavg.swa(), output=tmp_path / "o.safetensors")
-            runs = [item for item in plan.work() if not hasattr(item, "entry")]
+            runs = [span for span in spans(plan) if len(span.tensors) > 1]
             assert len(runs) == 1 and len(runs[0].tensors) == 8  # every float tensor of SmallNet
             ckptavg.run_plan(plan)
         assert_matches_torch(
@@ -375,7 +376,7 @@ class TestRuns:
         inputs = [series[0], series[1], tmp_path / "middle.pt", series[3], series[4]]
         with ckptavg.open_checkpoints(inputs, keep_order=True) as checkpoints:
             plan = ckptavg.build_plan(checkpoints, ckptavg.swa(), output=tmp_path / "o.safetensors")
-            assert all(hasattr(item, "entry") for item in plan.work())
+            assert all(len(span.tensors) == 1 for span in spans(plan))
             ckptavg.run_plan(plan)
         assert_matches_torch(
             load_file(tmp_path / "o.safetensors"), torch_average(states), states, torch.float32

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from ckptavg.cli import main
 from ckptavg.inputs.side_files import MAX_SIDE_FILE_BYTES
-from ckptavg.run.writer import COPIED_KEY, remove_stale_temporaries, temporary_path
+from ckptavg.plan.layout import COPIED_KEY
+from ckptavg.run.transaction import remove_stale_temporaries, temporary_path
 
 
 def run(*args):

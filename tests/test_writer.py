@@ -14,8 +14,10 @@ from safetensors.torch import load_file, save_file
 
 from ckptavg.errors import OutputError
 from ckptavg.formats.dtypes import safetensors_name
+from ckptavg.formats.safetensors_header import Entry, layout_order
 from ckptavg.run import direct
-from ckptavg.run.writer import Entry, OutputTransaction, SafetensorsWriter, layout_order
+from ckptavg.run.transaction import OutputTransaction
+from ckptavg.run.writer import SafetensorsWriter
 
 ALL_DTYPES = [
     torch.float64,
@@ -134,8 +136,10 @@ import sys, torch, ckptavg.run.writer as writer
 writer.WRITEBACK_BYTES = 1  # start writeback after every write
 sys.addaudithook(lambda event, args: event.startswith(("subprocess", "os.fork", "os.posix_spawn"))
                  and sys.exit(f"started a process: {{event}} {{args}}"))
-out = writer.Path({str(tmp_path / "o.safetensors")!r})
-w = writer.SafetensorsWriter(out, [writer.Entry("t", "F32", (4,))], {{}})
+from pathlib import Path
+from ckptavg.formats.safetensors_header import Entry
+out = Path({str(tmp_path / "o.safetensors")!r})
+w = writer.SafetensorsWriter(out, [Entry("t", "F32", (4,))], {{}})
 w.write("t", 0, torch.ones(4))
 w.finish()
 """

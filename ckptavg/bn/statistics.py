@@ -17,7 +17,9 @@ from pathlib import Path
 
 from ..errors import SHOWN_NAMES, CkptavgError, InputError, name_list
 from ..formats.readers import Checkpoint
-from ..plan.plan import OutputFile, Plan, build_plan
+from ..plan.layout import Layout
+from ..plan.plan import Plan, build_plan
+from ..plan.tensors import OutputFile
 from ..schedules import swa
 from .data import Batches, DataOptions, open_batches
 from .imports import build_model
@@ -129,7 +131,7 @@ def write_with_new_statistics(
     The output is checked before the pass (so a mistake costs no data pass);
     every tensor but the statistics is copied unchanged, in its own dtype.
     """
-    from ..run.executor import run_plan
+    from ..run.executor import execute
 
     replacements: dict = {}
     updated = _WithReplacements.wrap(checkpoint, replacements)
@@ -137,12 +139,14 @@ def write_with_new_statistics(
         [updated], swa(), output=output, force=force, max_shard_size=max_shard_size, wrap_key=wrap_key
     )
     if extra_files is not None:
-        plan.extra_files, plan.extra_root = extra_files
+        files, root = extra_files
+        plan = replace(plan, layout=replace(plan.layout, extra_files=tuple(files), extra_root=root))
     new, record, batches = recompute_statistics(checkpoint, bn, progress=progress)
     replacements.update(new)
-    plan.provenance = {**provenance, BN_KEY: json.dumps(record)}
-    run_plan(plan, progress=progress)
-    return plan, batches
+    (done,) = execute(
+        [replace(plan, provenance={**provenance, BN_KEY: json.dumps(record)})], progress=progress
+    )
+    return done, batches
 
 
 def average_then_recompute_statistics(
@@ -155,23 +159,14 @@ def average_then_recompute_statistics(
     it with the new statistics, keeping the plan's layout and provenance.
     """
     from ..formats.readers import open_checkpoint
-    from ..run.executor import run_plan
-    from ..run.writer import temporary_path
+    from ..run.executor import execute
+    from ..run.transaction import temporary_path
 
     target = plan.output
     scratch = temporary_path(target, ".safetensors")
-    averaged = replace(
-        plan,
-        output=scratch,
-        folder=False,
-        files=[OutputFile(scratch.name, tuple(plan.tensors))],
-        torch_output=False,
-        wrap_key=None,
-        extra_files=[],
-        force=False,
-    )
+    to_scratch = replace(plan, layout=Layout(scratch, files=(OutputFile(scratch.name, tuple(plan.tensors)),)))
     try:
-        run_plan(averaged, device=device, progress=progress)
+        (averaged,) = execute([replace(to_scratch, force=False)], device=device, progress=progress)
         with open_checkpoint(scratch) as checkpoint:
             final, _ = write_with_new_statistics(
                 checkpoint,
@@ -186,7 +181,7 @@ def average_then_recompute_statistics(
             )
     finally:
         scratch.unlink(missing_ok=True)
-    return final
+    return replace(final, warnings=averaged.warnings)  # the averaging's, not those of the copy
 
 
 def _statistics_names(model) -> list[str]:

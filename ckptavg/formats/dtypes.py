@@ -80,6 +80,11 @@ def addressable(dtype: str, shape: tuple[int, ...]) -> bool:
     return all(dim >= 0 for dim in shape) and extent <= MAX_BYTES
 
 
+def user_name(dtype: str) -> str:
+    """The name a user types for a dtype (`float32`), or its safetensors name where there is none."""
+    return next((user for user, name in USER_DTYPE_NAMES.items() if name == dtype), dtype)
+
+
 def is_known(dtype: str) -> bool:
     return dtype in _DTYPES
 

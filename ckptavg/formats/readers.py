@@ -124,11 +124,14 @@ class Checkpoint:
         return (shard.path, *shard.offsets[stored])
 
     def get_run(self, names: Sequence[str]):
-        """Tensors stored back to back in one file, with one dtype, as one flat zero-copy view.
+        """Tensors stored back to back in one file, with one dtype, as one flat zero-copy view
+        (a single tensor of any file, flattened).
 
         A model's many small tensors are then summed in one operation instead of one each.
         """
-        shard, _ = self._where[names[0]]
+        shard, stored = self._where[names[0]]
+        if len(names) == 1:
+            return shard.get(stored, self.tensors[names[0]]).reshape(-1)
         _, begin, _ = self.byte_range(names[0])
         _, _, end = self.byte_range(names[-1])
         return shard.get_bytes(begin, end, self.tensors[names[0]].dtype)

@@ -41,11 +41,11 @@ from fnmatch import fnmatchcase
 from functools import cache, partial
 from pathlib import Path, PurePosixPath
 
+from ..disk import free_space
 from ..errors import InputError
 from ..formats import dtypes
 from ..formats.dtypes import TensorInfo
 from ..formats.readers import INDEX_SUFFIX
-from ..run.writer import free_space
 from ..units import format_bytes
 from .folders import (
     GLOB_CHARS,

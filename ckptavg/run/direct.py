@@ -17,10 +17,8 @@ import os
 from pathlib import Path
 
 from ..errors import OutputError
+from ..memory import STAGING_BUFFERS, STAGING_BYTES
 from .pipeline import BufferPool, WriteQueue
-
-STAGING_BYTES = 4 * 2**20  # a multiple of every block size O_DIRECT aligns to
-STAGING_BUFFERS = 4
 
 
 def write_at(fd: int, data: memoryview, offset: int, label: Path) -> None:

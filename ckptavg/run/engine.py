@@ -26,7 +26,9 @@ import torch
 
 from ..errors import CkptavgError, NonFiniteError
 from ..formats import dtypes
-from ..plan.plan import BUFFERS_IN_FLIGHT, CHUNK_ELEMENTS, Plan, Run, TensorPlan
+from ..memory import BUFFERS_IN_FLIGHT, CHUNK_ELEMENTS
+from ..plan.plan import Plan
+from ..plan.spans import Span
 from .pipeline import BufferPool
 
 Release = Callable[[], None] | None
@@ -151,6 +153,7 @@ class Engine:
         self.plan = self.plans[0]  # checkpoints, tensors and policies are the same in every plan
         self.device = device
         self._on_read = on_read or (lambda nbytes: None)
+        self.warnings: list[str] = []  # found while summing (values passed on with --nonfinite warn)
         self._chunk = max(1, min(CHUNK_ELEMENTS, max((t.numel for t in self.plan.tensors), default=1)))
         # per accumulator dtype (float64 tensors are summed in float64): accumulators, one cast scratch
         self._accumulators: dict[torch.dtype, BufferPool[torch.Tensor]] = {}
@@ -161,7 +164,7 @@ class Engine:
         self._to_device = _HostToDevice(self._chunk, device) if on_gpu else None
         self._chunks_ahead = 1 if on_gpu else 0  # let the GPU finish a chunk while the host reads the next
 
-    def stream(self, work: Iterable[TensorPlan | Run]) -> Iterator[tuple[TensorPlan | Run, list[Chunk]]]:
+    def stream(self, work: Iterable[Span]) -> Iterator[tuple[Span, list[Chunk]]]:
         """Each output tensor's values, one chunk per plan at a time, as contiguous CPU tensors.
 
         Each chunk comes with its byte offset in the tensor and a `release`
@@ -170,7 +173,7 @@ class Engine:
         tensor's first chunk is under way before the last one is handed out,
         so the device does not idle at tensor boundaries.
         """
-        in_flight: collections.deque[tuple[TensorPlan | Run, list, _SummedChunk]] = collections.deque()
+        in_flight: collections.deque[tuple[Span, list, _SummedChunk]] = collections.deque()
         for tensor in work:
             if not tensor.averaged:
                 yield from ((tensor, parts) for parts in self._copy(tensor))
@@ -185,8 +188,10 @@ class Engine:
         while in_flight:
             yield self._hand_out(*in_flight.popleft())
 
-    def _copy(self, tensor: TensorPlan) -> Iterator[list[Chunk]]:
-        source = self.plan.last.get(tensor.name).reshape(-1)
+    def _copy(self, span: Span) -> Iterator[list[Chunk]]:
+        """A copied (not averaged) tensor's values from the last checkpoint, cast if its dtype changes."""
+        tensor = span.tensors[0]
+        source = _flat(self.plan.last, span)
         out_dtype = dtypes.torch_dtype(tensor.dtype)
         narrowing = self._may_overflow(tensor, out_dtype)
         for start in range(0, source.numel(), self._chunk):
@@ -203,7 +208,7 @@ class Engine:
                 self._beyond_range(tensor, out_dtype)
             yield parts
 
-    def _sources(self, tensor: TensorPlan | Run) -> list[tuple[int, torch.Tensor, list[float]]]:
+    def _sources(self, tensor: Span) -> list[tuple[int, torch.Tensor, list[float]]]:
         """(checkpoint index, flat input, its weight in each plan) for every checkpoint that counts."""
         weight_sets = [plan.weights for plan in self.plans]
         return [
@@ -212,14 +217,14 @@ class Engine:
             if any(weights[index] != 0.0 for weights in weight_sets)
         ]
 
-    def _dtypes_of(self, tensor: TensorPlan | Run) -> _Dtypes:
+    def _dtypes_of(self, tensor: Span) -> _Dtypes:
         """How an averaged tensor is summed and written. Float64 tensors are summed in float64."""
         stored = {ck.tensors[tensor.name].dtype for ck in self.plan.checkpoints}
         accum = dtypes.torch_dtype("F64" if "F64" in stored else self.plan.accum_dtype)
         out = dtypes.torch_dtype(tensor.dtype)
         return _Dtypes(accum, out, self._may_overflow(tensor, out))
 
-    def _may_overflow(self, tensor: TensorPlan | Run, out_dtype: torch.dtype) -> bool:
+    def _may_overflow(self, tensor: Span, out_dtype: torch.dtype) -> bool:
         """Whether casting the result to `out_dtype` can overflow. A weighted average with weights
         >= 0 stays within its inputs' range, so only a narrower output dtype (or extrapolation) can."""
         if not out_dtype.is_floating_point:
@@ -270,9 +275,7 @@ class Engine:
             done.record(torch.cuda.current_stream(self.device))
         return _SummedChunk(start, count, accumulators, pool, spare, totals, outputs, done, kinds)
 
-    def _hand_out(
-        self, tensor: TensorPlan | Run, sources: list, chunk: _SummedChunk
-    ) -> tuple[TensorPlan | Run, list[Chunk]]:
+    def _hand_out(self, tensor: Span, sources: list, chunk: _SummedChunk) -> tuple[Span, list[Chunk]]:
         """The chunk's results for the writer, once they are on the host and checked."""
         if chunk.done is not None:
             chunk.done.synchronize()
@@ -280,21 +283,21 @@ class Engine:
             # A NaN or Inf in any input reaches the sum: one cheap check per chunk, riding along.
             if not _finite(acc, total):
                 where = _nonfinite_at(acc)
-                culprit = tensor.member_at(chunk.start + where) if isinstance(tensor, Run) else tensor
+                culprit = tensor.member_at(chunk.start + where)
                 window = slice(chunk.start, chunk.start + chunk.count)
                 bad = [index for index, source, _ in sources if not _finite(source[window])]
                 self._nonfinite(culprit, bad[0] if bad else None)
         for values, _ in chunk.outputs if chunk.kinds.may_overflow else ():
             if not _finite(values):
                 where = int(_nonfinite_at(values))
-                culprit = tensor.member_at(chunk.start + where) if isinstance(tensor, Run) else tensor
+                culprit = tensor.member_at(chunk.start + where)
                 self._beyond_range(culprit, chunk.kinds.output)
         for buffer in chunk.spare:
             chunk.pool.release(buffer)
         offset = chunk.start * dtypes.itemsize(tensor.dtype)
         return tensor, [(offset, values, release) for values, release in chunk.outputs]
 
-    def _nonfinite(self, tensor: TensorPlan, index: int | None) -> None:
+    def _nonfinite(self, tensor, index: int | None) -> None:
         """Apply the plans' policy to a NaN or Inf in checkpoint `index`'s `tensor`."""
         if index is None:
             raise CkptavgError(
@@ -304,10 +307,7 @@ class Engine:
         checkpoint = self.plan.checkpoints[index]
         reason = f"tensor '{tensor.name}' holds NaN or Inf values"
         if self.plan.nonfinite == "warn":
-            warning = f"{checkpoint.label}: {reason}; they reach the output (--nonfinite warn)"
-            for plan in self.plans:
-                if warning not in plan.warnings:
-                    plan.warnings.append(warning)
+            self._warn(f"{checkpoint.label}: {reason}; they reach the output (--nonfinite warn)")
             return
         raise NonFiniteError(
             f"{checkpoint.label}: {reason}; leave that checkpoint out, or pass --nonfinite skip-checkpoint "
@@ -316,7 +316,11 @@ class Engine:
             reason,
         )
 
-    def _beyond_range(self, tensor: TensorPlan | Run, dtype: torch.dtype) -> None:
+    def _warn(self, warning: str) -> None:
+        if warning not in self.warnings:
+            self.warnings.append(warning)
+
+    def _beyond_range(self, tensor: Span, dtype: torch.dtype) -> None:
         """Apply the policy to an average that the output dtype cannot hold (it would be Inf or NaN)."""
         name = str(dtype).removeprefix("torch.")
         reason = (
@@ -324,9 +328,7 @@ class Engine:
             f"{_largest(dtype):g}) and would be written as Inf or NaN"
         )
         if self.plan.nonfinite == "warn":
-            for plan in self.plans:
-                if f"{reason} (--nonfinite warn)" not in plan.warnings:
-                    plan.warnings.append(f"{reason} (--nonfinite warn)")
+            self._warn(f"{reason} (--nonfinite warn)")
             return
         raise CkptavgError(f"{reason}; write a wider --dtype (float32 or bfloat16)")
 
@@ -356,11 +358,9 @@ class Engine:
         return buffer[: values.numel()].copy_(values, non_blocking=on_gpu), lambda: pool.release(buffer)
 
 
-def _flat(checkpoint, tensor: TensorPlan | Run) -> torch.Tensor:
-    """The input's values for a tensor, or for a run of them, as one flat zero-copy view."""
-    if isinstance(tensor, Run):
-        return checkpoint.get_run(tensor.names)
-    return checkpoint.get(tensor.name).reshape(-1)
+def _flat(checkpoint, span: Span) -> torch.Tensor:
+    """The input's values for a span of tensors, as one flat zero-copy view."""
+    return checkpoint.get_run(span.names)
 
 
 def _nonfinite_at(values: torch.Tensor) -> int:

@@ -9,22 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import ExitStack, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
+from ..disk import ensure_free_space
 from ..errors import NonFiniteError, OutputError
 from ..formats.torch_format import save_torch_file
 from ..inputs.side_files import copy_side_file
-from ..plan.plan import Plan, TensorPlan
+from ..plan.layout import INDEX_NAME
+from ..plan.plan import Plan
+from ..plan.spans import spans
 from . import interrupts
-from .writer import INDEX_NAME, OutputTransaction, ensure_free_space
+from .transaction import OutputTransaction
 
 
 def run_plan(plan: Plan, *, device: str = "cpu", progress: bool = False) -> Path:
-    """Compute and write a planned output; returns its path. Nothing is left behind on failure.
-
-    With `nonfinite="skip-checkpoint"`, a checkpoint found holding NaN or Inf is
-    dropped from the plan (see `Plan.drop`) and the output is computed again.
-    """
+    """Compute and write a planned output; returns its path. Nothing is left behind on failure."""
     return run_plans([plan], device=device, progress=progress)[0]
 
 
@@ -32,6 +32,16 @@ def run_plans(plans: Sequence[Plan], *, device: str = "cpu", progress: bool = Fa
     """Write several outputs from one read of the inputs: plans that differ only in their weights.
 
     Example: one `--sigma-rel` each, built from the same checkpoints with `build_plan`.
+    """
+    return [plan.output for plan in execute(plans, device=device, progress=progress)]
+
+
+def execute(plans: Sequence[Plan], *, device: str = "cpu", progress: bool = False) -> list[Plan]:
+    """Carry out plans that differ only in their weights; the plans as carried out.
+
+    Those are new plans: with the warnings found while summing added, and, with
+    `nonfinite="skip-checkpoint"`, without the checkpoints found holding NaN or Inf
+    (`Plan.without`; the output is then computed again).
     """
     plans = list(plans)
     if any(plan.output is None for plan in plans):
@@ -45,15 +55,17 @@ def run_plans(plans: Sequence[Plan], *, device: str = "cpu", progress: bool = Fa
         raise OutputError("plans written together must average the same checkpoints into the same tensors")
     while True:
         try:
-            return _write(plans, device=device, progress=progress)
+            found = _write(plans, device=device, progress=progress)
         except NonFiniteError as e:
-            if first.nonfinite != "skip-checkpoint" or len(first.checkpoints) < 2:
+            if first.nonfinite != "skip-checkpoint" or len(plans[0].checkpoints) < 2:
                 raise
-            for plan in plans:  # and start again: every tensor so far had the old weights
-                plan.drop(e.index, e.reason)
+            plans = [plan.without(e.index, e.reason) for plan in plans]  # every tensor had the old weights
+            continue
+        return [replace(plan, warnings=[*plan.warnings, *found]) for plan in plans]
 
 
-def _write(plans: list[Plan], *, device: str, progress: bool) -> list[Path]:
+def _write(plans: list[Plan], *, device: str, progress: bool) -> list[str]:
+    """Write the plans' outputs; the warnings found while summing."""
     from tqdm.auto import tqdm
 
     from .engine import Engine, beside_a_writer_thread, resolve_device
@@ -94,9 +106,9 @@ def _write(plans: list[Plan], *, device: str, progress: bool) -> list[Path]:
         # Writing past the page cache costs the writer thread little CPU: then the sums get every core.
         threads = nullcontext() if all(file.direct for file in files) else beside_a_writer_thread()
         with WriteQueue() as queue, threads:
-            for tensor, parts in engine.stream(first.work()):
+            for span, parts in engine.stream(spans(first)):
                 interrupts.check()
-                targets = first.targets(tensor) if isinstance(tensor, TensorPlan) else [tensor.name]
+                targets = first.targets(span.tensors[0])  # the first of several joined is never tied
                 for by_name, (start, chunk, release) in zip(writers, parts, strict=True):
                     for i, name in enumerate(targets):
                         last = i == len(targets) - 1
@@ -110,7 +122,7 @@ def _write(plans: list[Plan], *, device: str, progress: bool) -> list[Path]:
             checkpoint.check_unchanged()
         for plan, output, stream, meta in zip(plans, outputs, streamed, metadata, strict=True):
             _finish_output(plan, output, stream, meta)
-    return [plan.output for plan in plans]
+    return engine.warnings
 
 
 def _finish_output(plan: Plan, output: OutputTransaction, streamed: Path | None, metadata: dict) -> None:

@@ -1,0 +1,15 @@
+"""The numbers that bound working memory, shared by the plan's estimate and the run that keeps it.
+
+Memory must not grow with the number of checkpoints or the model size: large
+tensors are summed in chunks of a fixed size, a fixed number of buffers of each
+kind may be in flight between the engine and the writer thread, and writes past
+the page cache go through a fixed number of staging buffers.
+"""
+
+# Elements per chunk of a large tensor: working memory is a few chunks, whatever the model size.
+CHUNK_ELEMENTS = 2**20  # 4 MB of fp32: the accumulator and its scratch stay in the CPU's cache
+# Buffers of each kind that may be in flight between the engine and the writer thread.
+BUFFERS_IN_FLIGHT = 3
+# Staging for writes past the page cache (O_DIRECT): a multiple of every block size it aligns to.
+STAGING_BYTES = 4 * 2**20
+STAGING_BUFFERS = 4

@@ -1,0 +1,211 @@
+"""The output's layout: one file, a torch file, or a Hugging Face folder of shards; and whether
+the target may be written at all (never an input, never a folder ckptavg did not write, replaced
+only with force, keeping the files a user added to an old folder output)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import OutputError
+from ..formats.readers import Checkpoint
+from ..inputs.side_files import allowed_root, find_side_files
+from ..units import parse_size
+from .tensors import OutputFile, TensorPlan
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_FILE_NAME = "model.safetensors"
+SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
+TORCH_OUTPUT_SUFFIXES = (".pt", ".pth", ".bin")
+DEFAULT_FOLDER_SHARD_SIZE = "50GB"
+VERSION_KEY = "ckptavg.version"
+COPIED_KEY = "ckptavg.copied"  # the side files a folder output holds, so a later --force knows them
+_SHARD_PATTERN = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
+
+def kept_files(folder: Path, replaced: set[str]) -> list[str]:
+    """The files of an old ckptavg folder output that ckptavg did not write, and the new one does not
+    replace: what a user added (evaluation results, notes). Kept by `--force`."""
+    if not folder.is_dir():
+        return []
+    ours = _files_written_by_ckptavg(folder)
+    return sorted(p.name for p in folder.iterdir() if p.name not in ours and p.name not in replaced)
+
+
+def _files_written_by_ckptavg(folder: Path) -> set[str]:
+    """The weights, index and copied side files of a ckptavg folder output, as its metadata lists them."""
+    ours = {INDEX_NAME, SINGLE_FILE_NAME}
+    ours.update(p.name for p in folder.iterdir() if _SHARD_PATTERN.match(p.name))
+    metadata = _output_metadata(folder) or {}
+    with contextlib.suppress(ValueError, TypeError):
+        ours.update(name for name in json.loads(metadata.get(COPIED_KEY, "[]")) if isinstance(name, str))
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))
+        ours.update(v for v in index.get("weight_map", {}).values() if isinstance(v, str))
+    return ours
+
+
+def check_target(target: Path, *, folder: bool, force: bool) -> None:
+    """Refuse an output that would replace something without `force`, or that is not ours to replace.
+
+    Raises:
+        OutputError: with what to do instead.
+    """
+    if not target.exists() and not target.is_symlink():
+        return
+    if folder:
+        if not target.is_dir():
+            raise OutputError(f"{target}: exists and is not a folder; choose another output folder")
+        contents = list(target.iterdir())
+        if not contents:
+            return
+        if not _written_by_ckptavg(target) or any(not p.is_file() for p in contents):
+            raise OutputError(
+                f"{target}: holds files that ckptavg did not write; write to a new or empty folder"
+            )
+        if not force:
+            raise OutputError(f"{target}: already holds a checkpoint; pass --force to replace it")
+        return
+    if target.is_dir():
+        raise OutputError(f"{target}: is a folder; for a folder output end the path with '/'")
+    if not force:
+        raise OutputError(f"{target}: already exists; pass --force to replace it")
+
+
+def _written_by_ckptavg(folder: Path) -> bool:
+    """Whether a folder holds a checkpoint whose metadata says ckptavg wrote it."""
+    return VERSION_KEY in (_output_metadata(folder) or {})
+
+
+def _output_metadata(folder: Path) -> dict | None:
+    """The metadata of the checkpoint in a folder output (its index's, or its single file's)."""
+    try:
+        if (folder / INDEX_NAME).is_file():
+            metadata = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8")).get("metadata", {})
+            return metadata if isinstance(metadata, dict) else None
+        if (folder / SINGLE_FILE_NAME).is_file():
+            from safetensors import safe_open
+
+            with safe_open(folder / SINGLE_FILE_NAME, framework="pt") as f:
+                return f.metadata() or {}
+    except Exception:  # unreadable: not ours to replace
+        return None
+    return None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where and how the output is written."""
+
+    output: Path
+    folder: bool = False
+    torch_output: bool = False
+    wrap_key: str | None = None
+    files: tuple[OutputFile, ...] = ()
+    shard_size: int | None = None
+    extra_files: tuple[Path, ...] = ()  # the last input's config and tokenizer files, for a folder
+    extra_root: Path | None = None  # where they may really live (see inputs.side_files)
+    kept: tuple[str, ...] = ()  # files of a replaced folder output that stay
+    warnings: tuple[str, ...] = ()  # side files left out
+
+
+def lay_out(
+    checkpoints: Sequence[Checkpoint],
+    tensors: Sequence[TensorPlan],
+    output: str | os.PathLike,
+    *,
+    force: bool,
+    max_shard_size: int | str | None,
+    wrap_key: str | None,
+) -> Layout:
+    """The layout of an output of `tensors` at `output`, once the target is seen to be writable.
+
+    Raises:
+        OutputError: the name does not say a format, the target is an input, or it may not be replaced.
+    """
+    text = os.fspath(output)
+    target = Path(text)
+    folder = text.endswith(("/", os.sep)) or target.is_dir()
+    torch_output = not folder and target.suffix in TORCH_OUTPUT_SUFFIXES
+    if not folder and max_shard_size is not None:
+        raise OutputError(
+            f"{target}: --max-shard-size writes shards into a folder; give -o {target.with_suffix('')}/"
+        )
+    if not folder and not torch_output and target.suffix != ".safetensors":
+        raise OutputError(
+            f"{target}: give a file ending in .safetensors, {', '.join(TORCH_OUTPUT_SUFFIXES)}, "
+            "or a folder ending in '/'"
+        )
+    if wrap_key is not None and not torch_output:
+        raise OutputError(
+            f"{target}: --wrap-key applies to torch outputs ({', '.join(TORCH_OUTPUT_SUFFIXES)})"
+        )
+    _refuse_input_as_output(checkpoints, target, folder)
+    check_target(target, folder=folder, force=force)
+    if not folder:
+        files = (OutputFile(target.name, tuple(tensors)),)
+        return Layout(target, torch_output=torch_output, wrap_key=wrap_key, files=files)
+    last = checkpoints[-1]
+    root = allowed_root(last.folder, last.label)
+    extra_files, skipped = find_side_files(last.folder, root)
+    limit = parse_size(max_shard_size if max_shard_size is not None else DEFAULT_FOLDER_SHARD_SIZE)
+    files = _shards(tensors, limit)
+    written = {f.name for f in files} | {p.name for p in extra_files} | {INDEX_NAME}
+    return Layout(
+        target,
+        folder=True,
+        files=files,
+        shard_size=limit,
+        extra_files=tuple(extra_files),
+        extra_root=root,
+        kept=tuple(kept_files(target, written)) if target.is_dir() else (),
+        warnings=tuple(skipped),
+    )
+
+
+def _shards(tensors: Sequence[TensorPlan], limit: int) -> tuple[OutputFile, ...]:
+    """Tensors in order, cut into files of at most `limit` bytes (a larger tensor gets a file alone)."""
+    shards: list[list[TensorPlan]] = [[]]
+    size = 0
+    for tensor in tensors:
+        nbytes = tensor.entry.nbytes
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += nbytes
+    if len(shards) == 1:
+        return (OutputFile(SINGLE_FILE_NAME, tuple(shards[0])),)
+    count = len(shards)
+    return tuple(
+        OutputFile(SHARD_NAME.format(index=i, count=count), tuple(s)) for i, s in enumerate(shards, 1)
+    )
+
+
+def _refuse_input_as_output(checkpoints: Sequence[Checkpoint], target: Path, folder: bool) -> None:
+    """The output must not be an input under another name: a symbolic or a hard link to one."""
+    resolved = target.resolve()
+    replaced = _identities([*target.iterdir()] if folder and target.is_dir() else [target])
+    for ck in checkpoints:
+        for source in ck.files:
+            source_resolved = source.resolve()
+            same_file = _identities([source]) & replaced
+            if source_resolved == resolved or (folder and source_resolved.parent == resolved) or same_file:
+                raise OutputError(f"{target}: is an input ({ck.label}); write the output elsewhere")
+
+
+def _identities(paths: Sequence[Path]) -> set[tuple[int, int]]:
+    """(device, inode) of each path that exists: equal for two names of one file."""
+    found = set()
+    for path in paths:
+        try:
+            info = path.stat()
+        except OSError:
+            continue
+        found.add((info.st_dev, info.st_ino))
+    return found
