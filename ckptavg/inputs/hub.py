@@ -5,7 +5,7 @@ The revision is a branch, tag, commit or `refs/pr/N`, and may be a glob over the
 repo's branches and tags (`@step14*`); PATH is a folder or weights file at that
 revision, and may be a glob over them (`checkpoint-*`). Without PATH the
 checkpoint at the repo root is used. Folders are read as local ones are (see
-`sources.checkpoints_in_folder`).
+`folders.checkpoints_in_folder`).
 
 Resolution happens in two steps, so the disk-space check sees everything first:
 `_locate` resolves each revision to its commit and lists the files to fetch
@@ -13,32 +13,18 @@ Resolution happens in two steps, so the disk-space check sees everything first:
 optimizer or trainer state), then `_download` fetches them with
 `snapshot_download` into the standard cache, concurrently, and reuses whatever
 is cached. Offline (`--offline` or `HF_HUB_OFFLINE=1`), revisions and listings
-come from the cache alone.
-
-Nothing the Hub (or the cache) says is trusted as a path: branch, tag and pull-request
-names, file paths from the listing and from a shard index, and the ETag and commit
-headers of files must be relative names without `..`, backslashes or control
-characters, commit ids must be 40 lowercase hex digits and sizes non-negative
-integers, so a compromised server cannot make huggingface_hub write outside the
-cache. Every request has a deadline: a response that delivers less than 1 kB in
-`CKPTAVG_HUB_TIMEOUT` seconds (default 60), or makes any wait (connect, send, a
-read) longer than that, is abandoned, and the run fails with one line. The
-deadlines are added to huggingface_hub's own HTTP client only while ckptavg makes
-its calls; a program's own client factory is used and put back afterwards.
+come from the cache alone. What is trusted of the Hub's answers, and the
+deadlines of its requests, are `hub_guard`'s; its failures as one line,
+`hub_errors`'.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
-import re
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from functools import cache, partial
+from functools import cache
 from pathlib import Path, PurePosixPath
 
 from ..disk import free_space
@@ -56,75 +42,9 @@ from .folders import (
     is_model_side_file,
     natural_key,
 )
-
-_SPEC = re.compile(
-    r"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>refs/(?:pr|convert)/[^/]+|[^/]+))?(?:/(?P<path>.*))?$"
-)
-_TRUE = ("1", "true", "yes", "on")
-# The HTTP clients huggingface_hub has used; their errors mean the Hub could not be reached.
-_HTTP_LIBRARIES = {"httpx", "httpx2", "httpcore", "requests", "urllib3"}
-_DEFAULT_ENDPOINT = "https://huggingface.co"
-_TIMEOUT_VARIABLE = "CKPTAVG_HUB_TIMEOUT"
-_DEFAULT_TIMEOUT_S = 60.0
-_MIN_BYTES_PER_WINDOW = 1000  # below this in one timeout window, an answer counts as stalled
-_COMMIT_ID = re.compile(r"[0-9a-f]{40}")
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-_TIMEOUT_KINDS = ("connect", "read", "write", "pool")
-
-
-class _HubMisbehaved(Exception):
-    """The Hub answered in a way ckptavg refuses to act on; `_hub_errors` adds the spec to the message."""
-
-
-@dataclass(frozen=True)
-class HubOptions:
-    """How to reach the Hub; anything left None follows huggingface_hub's environment.
-
-    Attributes:
-        token: access token; default: `HF_TOKEN` or the token saved by `hf auth login`.
-        cache_dir: the cache folder; default: `HF_HUB_CACHE`, else `HF_HOME/hub`.
-        offline: use the cache only; default: `HF_HUB_OFFLINE`.
-        progress: show download progress bars.
-    """
-
-    token: str | None = None
-    cache_dir: str | os.PathLike | None = None
-    offline: bool | None = None
-    progress: bool = False
-
-    @property
-    def is_offline(self) -> bool:
-        if self.offline is not None:
-            return self.offline
-        return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
-
-    @property
-    def cache(self) -> Path:
-        if self.cache_dir is not None:
-            return Path(self.cache_dir).expanduser()
-        if os.environ.get("HF_HUB_CACHE"):
-            return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-        home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
-        return Path(home).expanduser() / "hub"
-
-    @property
-    def endpoint(self) -> str:
-        # Read at call time: huggingface_hub reads HF_ENDPOINT once, when it is first imported.
-        return os.environ.get("HF_ENDPOINT", _DEFAULT_ENDPOINT).rstrip("/")
-
-
-@dataclass(frozen=True)
-class HubSpec:
-    repo_id: str
-    revision: str | None
-    path: str
-
-    @classmethod
-    def parse(cls, spec: str) -> HubSpec:
-        match = _SPEC.match(spec.replace("%2F", "/"))
-        if not match:
-            raise InputError(f"{spec}: not a Hub path; write hf://ORG/REPO[@REVISION][/PATH]")
-        return cls(match["repo"], match["revision"], (match["path"] or "").strip("/"))
+from .hub_errors import first_line, hub_errors
+from .hub_guard import COMMIT_ID, unsafe_reason, watched_hub_session
+from .hub_options import HubOptions, HubSpec
 
 
 @dataclass
@@ -154,10 +74,10 @@ def resolve_hub_specs(specs: Sequence[str], options: HubOptions, *, fetch: bool 
     Raises:
         InputError: one line naming the spec for every failure of the Hub or the cache.
     """
-    with _watched_hub_session():
+    with watched_hub_session():
         located = []
         for spec in specs:
-            with _hub_errors(spec, options):
+            with hub_errors(spec, options):
                 located.append(_locate(HubSpec.parse(spec), spec, options))
         _check_free_space([ck for found in located for ck in found], options)
         return [
@@ -188,7 +108,7 @@ def _locate(hub: HubSpec, spec: str, options: HubOptions) -> list[_Checkpoint]:
             local_files_only=options.is_offline,
             token=options.token,
         )
-        if not _COMMIT_ID.fullmatch(resolved.resolved):
+        if not COMMIT_ID.fullmatch(resolved.resolved):
             raise InputError(
                 f"{spec}: {_source(options)} resolved {revision or 'main'} to {resolved.resolved!r}, "
                 "which is not a commit id (40 lowercase hex digits); refusing it"
@@ -272,25 +192,10 @@ def _source(options: HubOptions) -> str:
 
 def _require_safe(name, spec: str, told: str) -> str:
     """The name, if it can be used as a path inside the cache; else one line that says what is wrong."""
-    reason = _unsafe_reason(name)
+    reason = unsafe_reason(name)
     if reason:
         raise InputError(f"{spec}: {told} {name!r}, which is not a safe name ({reason}); refusing it")
     return name
-
-
-def _unsafe_reason(name) -> str | None:
-    """Why a name cannot be joined to a cache folder without risk, or None if it can."""
-    if not isinstance(name, str) or not name:
-        return "not a non-empty string"
-    if _CONTROL_CHARS.search(name):
-        return "it holds a control character"
-    if "\\" in name:
-        return "it holds a backslash"
-    if name.startswith("/"):
-        return "it is absolute"
-    if any(part in ("", ".", "..") for part in name.split("/")):
-        return "it has an empty, '.' or '..' part"
-    return None
 
 
 def _checkpoints_at(hub: HubSpec, sizes: dict[str, int], spec: str, revision) -> list[str]:
@@ -351,7 +256,7 @@ def _weight_map(checkpoint: _Checkpoint, spec: str, options: HubOptions) -> dict
     try:
         weight_map = json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"]
     except (ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{spec}: {checkpoint.label} is not a valid shard index ({_first_line(e)})") from e
+        raise InputError(f"{spec}: {checkpoint.label} is not a valid shard index ({first_line(e)})") from e
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
@@ -395,7 +300,7 @@ def _check_free_space(checkpoints: Sequence[_Checkpoint], options: HubOptions) -
 def _download(checkpoint: _Checkpoint, spec: str, options: HubOptions) -> Source:
     from huggingface_hub import snapshot_download
 
-    with _hub_errors(spec, options, checkpoint):
+    with hub_errors(spec, options, checkpoint):
         if options.is_offline:
             _require_cached(checkpoint, options)
         folder = snapshot_download(
@@ -424,7 +329,7 @@ def _headers(checkpoint: _Checkpoint, spec: str, options: HubOptions) -> Source:
     """The checkpoint's safetensors headers, read from the Hub with range requests."""
     api = _api(options)
     headers = {}
-    with _hub_errors(spec, options, checkpoint):
+    with hub_errors(spec, options, checkpoint):
         for path in checkpoint.files:
             if not path.endswith(".safetensors"):
                 continue
@@ -473,195 +378,3 @@ def _quiet_tqdm():
             super().__init__(*args, **{**kwargs, "disable": True})
 
     return Quiet
-
-
-@contextmanager
-def _watched_hub_session() -> Iterator[None]:
-    """huggingface_hub's shared HTTP client with ckptavg's deadlines and checks, for the calls made inside.
-
-    The client still comes from the factory that was in place (a program's own, or huggingface_hub's
-    default), and that factory is put back afterwards: a program that also uses huggingface_hub keeps
-    its configuration, and only ckptavg's calls get the deadlines.
-    """
-    from huggingface_hub import set_client_factory
-    from huggingface_hub.utils import _http
-
-    window = _hub_timeout()
-    previous = _http._GLOBAL_CLIENT_FACTORY  # huggingface_hub has no public getter for it
-    set_client_factory(lambda: _watched_client(previous(), window))
-    try:
-        yield
-    finally:
-        set_client_factory(previous)
-
-
-def _hub_timeout() -> float:
-    """The deadline window in seconds, from CKPTAVG_HUB_TIMEOUT."""
-    text = os.environ.get(_TIMEOUT_VARIABLE, "").strip()
-    if not text:
-        return _DEFAULT_TIMEOUT_S
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not (seconds > 0 and math.isfinite(seconds)):
-        raise InputError(
-            f"{_TIMEOUT_VARIABLE}={text!r} is not a number of seconds above 0; set it to e.g. "
-            f"{_DEFAULT_TIMEOUT_S:g}, or unset it"
-        )
-    return seconds
-
-
-def _watched_client(client, window: float):
-    """The client, with every wait capped at the window and every answer checked and watched for progress."""
-    hooks = client.event_hooks
-    client.event_hooks = {
-        "request": [*hooks["request"], partial(_cap_timeouts, window=window)],
-        "response": [*hooks["response"], partial(_watch_answer, window=window)],
-    }
-    return client
-
-
-def _cap_timeouts(request, *, window: float) -> None:
-    """No connect, send, read or wait for a free connection longer than the window; shorter ones stay."""
-    asked = request.extensions.get("timeout") or {}
-    request.extensions["timeout"] = {
-        kind: window if asked.get(kind) is None else min(asked[kind], window) for kind in _TIMEOUT_KINDS
-    }
-
-
-def _watch_answer(response, *, window: float) -> None:
-    """Check the headers of the answer, then watch its body for progress."""
-    url = str(response.request.url)
-    _check_file_headers(response.headers, url)
-    response.stream = _progress_watch()(response.stream, url, window)
-
-
-def _check_file_headers(headers, url: str) -> None:
-    """Refuse the ETags and commit id that huggingface_hub joins to cache paths without checking them."""
-    for header in ("ETag", "X-Linked-Etag"):
-        etag = headers.get(header)
-        if etag is None:
-            continue
-        name = etag.removeprefix("W/").strip('"')
-        reason = _unsafe_reason(name) or ("it holds a slash" if "/" in name else None)
-        if reason:
-            raise _HubMisbehaved(
-                f"the Hub at {url} sent {header} {etag!r}, which is not a safe name ({reason}); refusing it"
-            )
-    commit = headers.get("X-Repo-Commit")
-    if commit is not None and not _COMMIT_ID.fullmatch(commit):
-        raise _HubMisbehaved(
-            f"the Hub at {url} sent X-Repo-Commit {commit!r}, which is not a commit id "
-            "(40 lowercase hex digits); refusing it"
-        )
-
-
-@cache
-def _progress_watch():
-    """A response body that must keep coming: under 1 kB in a window of the timeout abandons it.
-
-    In the spirit of curl's --speed-limit/--speed-time: a server that trickles, or stops in the
-    middle (a read that times out), fails the run in bounded time instead of holding it forever.
-    It is not retried: huggingface_hub would retry a timeout several times over.
-    """
-    import httpx2
-
-    class ProgressWatch(httpx2.SyncByteStream):
-        def __init__(self, stream, url: str, window: float):
-            self._stream, self._url, self._window = stream, url, window
-
-        def __iter__(self):
-            started, received = time.monotonic(), 0
-            try:
-                for chunk in self._stream:
-                    received += len(chunk)
-                    if time.monotonic() - started >= self._window:
-                        if received < _MIN_BYTES_PER_WINDOW:
-                            raise self._stalled()
-                        started, received = time.monotonic(), 0
-                    yield chunk
-            except httpx2.TimeoutException as e:
-                raise self._stalled() from e
-
-        def close(self):
-            self._stream.close()
-
-        def _stalled(self) -> _HubMisbehaved:
-            least = format_bytes(_MIN_BYTES_PER_WINDOW)
-            return _HubMisbehaved(
-                f"the Hub at {self._url} stopped sending data (less than {least} in {self._window:g} s); "
-                f"try again later, or raise {_TIMEOUT_VARIABLE} (seconds) on a slow connection"
-            )
-
-    return ProgressWatch
-
-
-@contextmanager
-def _hub_errors(spec: str, options: HubOptions, checkpoint: _Checkpoint | None = None) -> Iterator[None]:
-    """huggingface_hub's typed failures as one line that names the spec and says what to do."""
-    from huggingface_hub import errors
-
-    hub = HubSpec.parse(spec) if spec.startswith(HUB_PREFIX) else None
-    repo = hub.repo_id if hub else spec
-    try:
-        yield
-    except InputError:
-        raise
-    except _HubMisbehaved as e:
-        raise InputError(f"{spec}: {e}") from e
-    except json.JSONDecodeError as e:
-        raise InputError(
-            f"{spec}: the Hub at {options.endpoint} answered with something that is not valid JSON "
-            f"({_first_line(e)}); check HF_ENDPOINT, or try again later"
-        ) from e
-    except (errors.SafetensorsParsingError, errors.NotASafetensorsRepoError) as e:
-        what = checkpoint.label if checkpoint else spec
-        raise InputError(
-            f"{spec}: {what} does not start with a safetensors header ckptavg can read ({_first_line(e)}); "
-            "the file is damaged or not safetensors"
-        ) from e
-    except errors.GatedRepoError as e:
-        raise InputError(
-            f"{spec}: {repo} is gated; request access on its page on the Hub, then pass "
-            "--token or set HF_TOKEN"
-        ) from e
-    except errors.RepositoryNotFoundError as e:
-        raise InputError(
-            f"{spec}: repository {repo} not found on {options.endpoint} (if it is private, "
-            "pass --token or set HF_TOKEN)"
-        ) from e
-    except errors.RevisionNotFoundError as e:
-        raise InputError(f"{spec}: {repo} has no revision '{hub.revision if hub else '?'}'") from e
-    except (errors.LocalEntryNotFoundError, errors.RevisionResolutionError, errors.OfflineModeIsEnabled) as e:
-        if options.is_offline:
-            raise InputError(
-                f"{spec}: not in the cache {options.cache} (offline); run once without --offline to fetch it"
-            ) from e
-        raise InputError(
-            f"{spec}: cannot reach the Hub at {options.endpoint} and it is not in the cache; "
-            "check the connection (or HF_ENDPOINT)"
-        ) from e
-    except errors.EntryNotFoundError as e:
-        what = checkpoint.label if checkpoint else spec
-        raise InputError(f"{spec}: a file of {what} is missing on the Hub ({_first_line(e)})") from e
-    except Exception as e:
-        if not _is_transport_error(e):
-            raise
-        raise InputError(
-            f"{spec}: cannot read it from the Hub at {options.endpoint} ({_first_line(e)}); "
-            "check the connection, or pass --offline to use the cache"
-        ) from e
-
-
-def _is_transport_error(error: Exception) -> bool:
-    """A failure to talk to the Hub, from huggingface_hub or the HTTP library under it."""
-    from huggingface_hub import errors
-
-    http_library = type(error).__module__.split(".")[0] in _HTTP_LIBRARIES
-    return http_library or isinstance(error, (errors.HfHubHTTPError, ConnectionError, TimeoutError, OSError))
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
