@@ -8,9 +8,20 @@ Heavy modules (torch) load on first use, so `ckptavg --help` starts fast.
 
 __version__ = "0.1.0"
 
+from typing import TYPE_CHECKING
+
 from .errors import CkptavgError, InputError, MismatchError, OutputError, ScheduleError
 from .inputs.selection import Selection
 from .schedules import ema, power_ema, swa, weighted
+
+if TYPE_CHECKING:  # what `__getattr__` loads on first use, visible to editors and type checkers
+    from .api import average, open_checkpoints
+    from .bn.data import DataOptions
+    from .bn.statistics import BatchNormPass
+    from .formats.readers import open_checkpoint
+    from .inputs.hub_options import HubOptions
+    from .plan.plan import build_plan
+    from .run.executor import run_plan, run_plans
 
 __all__ = [
     "BatchNormPass",
@@ -43,7 +54,7 @@ _LAZY = {
     "build_plan": "plan.plan",
     "BatchNormPass": "bn.statistics",
     "DataOptions": "bn.data",
-    "HubOptions": "inputs.hub",
+    "HubOptions": "inputs.hub_options",
     "open_checkpoint": "formats.readers",
 }
 

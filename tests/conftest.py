@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 # No test talks to the real Hub, and huggingface_hub reads these once, when first imported.
@@ -92,6 +93,35 @@ def large_inputs(tmp_path_factory):
         path.unlink(missing_ok=True)
 
 
+def missing(reason: str) -> None:
+    """A tool a test needs is not here: skip on a developer's machine, fail in CI (CI=true), where
+    everything the tests need is installed, so that a missing one is never silently untested."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI must have this: {reason}")
+    pytest.skip(reason)
+
+
+def installed_command() -> Path:
+    """The `ckptavg` console script of this environment."""
+    command = Path(sys.executable).with_name("ckptavg")
+    if not command.exists():
+        missing("ckptavg is not installed next to this Python (pip install -e .)")
+    return command
+
+
+def needed_module(name: str):
+    """Import a module a test needs, else `missing`."""
+    try:
+        return __import__(name)
+    except ImportError:
+        missing(f"the test needs {name}: install the test extras (pip install -e '.[dev]')")
+
+
+@pytest.fixture
+def ckptavg_command() -> Path:
+    return installed_command()
+
+
 def temp_files(folder: Path) -> list[Path]:
     """Leftovers of an output transaction anywhere under `folder`."""
     return [p for p in folder.rglob("*") if ".ckptavg-tmp" in p.name]
@@ -100,13 +130,13 @@ def temp_files(folder: Path) -> list[Path]:
 def require_o_direct(folder: Path) -> None:
     """Skip unless files in `folder` can be opened for writing with O_DIRECT."""
     if not hasattr(os, "O_DIRECT"):
-        pytest.skip("no O_DIRECT on this platform")
+        missing("no O_DIRECT on this platform")
     probe = folder / "o_direct.probe"
     probe.touch()
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
     except OSError:
-        pytest.skip("the temporary folder's file system refuses O_DIRECT")
+        missing("the temporary folder's file system refuses O_DIRECT")
     finally:
         probe.unlink()
 

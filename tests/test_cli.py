@@ -123,7 +123,7 @@ class TestInspect:
         assert '"fc.weight"' in result.output and '"F32"' in result.output
 
 
-@pytest.mark.skipif(not CKPTAVG.exists(), reason="ckptavg is not installed next to this Python")
+@pytest.mark.usefixtures("ckptavg_command")
 class TestInstalledProgram:
     def test_end_to_end_as_a_subprocess(self, tmp_path, series):
         done = subprocess.run(

@@ -4,14 +4,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from conftest import needed_module
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def test_train_and_average_quick(tmp_path):
-    pytest.importorskip("sklearn")
-    pytest.importorskip("matplotlib")
+    needed_module("sklearn")
+    needed_module("matplotlib")
     done = subprocess.run(
         [sys.executable, EXAMPLES / "train_and_average.py", "--quick", "--output", tmp_path],
         capture_output=True,

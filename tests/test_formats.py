@@ -7,7 +7,7 @@ import types
 
 import pytest
 import torch
-from conftest import perturbed_states, save_series, temp_files
+from conftest import needed_module, perturbed_states, save_series, temp_files
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -321,7 +321,7 @@ class TestTransformersModels:
 
     @pytest.fixture
     def copies(self):
-        transformers = pytest.importorskip("transformers")
+        transformers = needed_module("transformers")
         config = transformers.GPT2Config(
             vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
         )

@@ -14,7 +14,7 @@ from conftest import temp_files
 from safetensors.torch import load_file, save_file
 
 CKPTAVG = Path(sys.executable).with_name("ckptavg")
-pytestmark = pytest.mark.skipif(not CKPTAVG.exists(), reason="ckptavg is not installed next to this Python")
+pytestmark = pytest.mark.usefixtures("ckptavg_command")
 
 # torch's C++ code clears any exception raised while it imports numpy: a Ctrl-C or SIGTERM
 # landing there was lost. This stands in for it: a library call that swallows the interrupt.

@@ -7,10 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from click.testing import CliRunner
-from conftest import save_series, temp_files
+from conftest import missing, save_series, temp_files
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -166,7 +165,7 @@ def test_a_read_only_file_system_is_one_line(tmp_path, series):
     if subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True
     ).returncode:
-        pytest.skip("cannot mount a read-only file system here")
+        missing("cannot mount a read-only file system here (mount -t tmpfs needs root)")
     try:
         for output in ("o.safetensors", "o.pt", "sub/o.safetensors", "folder/"):
             result = run("swa", *series, "-o", f"{mount}/{output}")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import poisoned_series, save_series, temp_files
+from conftest import missing, poisoned_series, save_series, temp_files
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save, save_file
@@ -221,7 +221,7 @@ class TestOutputSafety:
             ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
         )
         if done.returncode != 0:
-            pytest.skip(f"cannot mount a small file system here: {done.stderr.decode().strip()}")
+            missing(f"cannot mount a small file system here: {done.stderr.decode().strip()}")
         try:
             big = {"w": torch.ones(64, 1024)}  # 256 kB: more than the file system holds
             save_file(big, tmp_path / "a.safetensors")
@@ -255,7 +255,7 @@ class TestOutputSafety:
         finally:
             subprocess.run(["umount", str(mount)], check=False)
 
-    @pytest.mark.skipif(not CKPTAVG.exists(), reason="ckptavg is not installed next to this Python")
+    @pytest.mark.usefixtures("ckptavg_command")
     def test_a_write_refused_midway(self, tmp_path, output_io):
         """A file size limit (`ulimit -f`) stops the writes after 8 MB of a 24 MB output."""
         import resource
@@ -287,7 +287,7 @@ class TestOutputSafety:
         assert temp_files(tmp_path) == []
 
 
-@pytest.mark.skipif(not CKPTAVG.exists(), reason="ckptavg is not installed next to this Python")
+@pytest.mark.usefixtures("ckptavg_command")
 class TestSignals:
     @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
     @pytest.mark.parametrize("delay", [0.0, 0.05, 0.2])
