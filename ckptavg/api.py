@@ -1,4 +1,7 @@
-"""The library's front door: `average` a series of checkpoints into one file.
+"""The library's front door: `average` checkpoints into one file, `average_many` into one file per
+schedule from one read, `bn_update` a checkpoint's BatchNorm statistics, `inspect` a checkpoint.
+
+Each is one call that returns what was done; the command line is one of them per command.
 
 Example:
     import ckptavg
@@ -13,22 +16,26 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .inputs.hub import HubOptions
+from .errors import OptionsError
+from .formats.readers import Checkpoint, open_checkpoint, open_headers
+from .inputs.folders import Source
+from .inputs.hub_options import HubOptions
+from .inputs.selection import Selection
+from .inputs.specs import resolve_sources
+from .options import OutputOptions, ReadOptions
+from .plan.plan import Plan, build_plan
+from .plan.report import count_dtypes
 from .run import supervision
+from .run.executor import execute
+from .schedules import Schedule
 
 if TYPE_CHECKING:
     from .bn.statistics import BatchNormPass
-from .formats.readers import Checkpoint, open_checkpoint, open_headers
-from .inputs.folders import Source
-from .inputs.selection import Selection
-from .inputs.specs import resolve_sources
-from .plan.plan import Plan, build_plan
-from .run.executor import execute
-from .schedules import Schedule
 
 
 @contextmanager
@@ -123,29 +130,204 @@ def average(
         progress: show progress bars.
 
     Returns:
-        The plan that was carried out (weights, tensors, output files).
+        The plan as carried out (weights, tensors, output files, warnings).
 
     Raises:
         CkptavgError: a bad input or output, with a one-line message naming the file and tensor.
     """
-    with open_checkpoints(
-        inputs, keep_order=keep_order, key=key, strip_prefix=strip_prefix, hub=hub
-    ) as checkpoints:
-        plan = build_plan(
-            checkpoints,
-            schedule,
-            output=out,
+    (plan,) = average_many(
+        inputs,
+        [schedule],
+        read=ReadOptions(key=key, strip_prefix=tuple(strip_prefix), keep_order=keep_order),
+        output=OutputOptions(
+            output=os.fspath(out),
             dtype=dtype,
-            accum_dtype=accum_dtype,
             max_shard_size=max_shard_size,
-            force=force,
             wrap_key=wrap_key,
+            force=force,
+            accum_dtype=accum_dtype,
+            device=device,
             nonfinite=nonfinite,
-            steps=steps,
-            selection=selection,
-        )
+            steps=tuple(steps) if steps is not None else None,
+        ),
+        selection=selection,
+        hub=hub,
+        bn=bn,
+        progress=progress,
+    )
+    return plan
+
+
+def average_many(
+    inputs: Sequence[str | os.PathLike],
+    schedules: Sequence[Schedule],
+    *,
+    read: ReadOptions | None = None,
+    output: OutputOptions | None = None,
+    selection: Selection | None = None,
+    hub: HubOptions | None = None,
+    bn: BatchNormPass | None = None,
+    dry_run: bool = False,
+    progress: bool = False,
+    on_plans: Callable[[list[Plan]], None] | None = None,
+) -> list[Plan]:
+    """One output per schedule, from one read of the inputs (several `--sigma-rel`, say).
+
+    With several schedules, `output.output` names each output by the schedule's
+    parameters, e.g. `ema_{sigma_rel}.safetensors`. `on_plans` sees the plans
+    before anything is read (to report them); `dry_run` stops there.
+
+    Returns:
+        The plans as carried out (or as planned, with `dry_run`).
+
+    Raises:
+        OptionsError: the options contradict each other (no output, outputs that collide,
+            a BatchNorm pass for several outputs).
+        CkptavgError: a bad input or output, in one line.
+    """
+    read, output = read or ReadOptions(), output or OutputOptions()
+    if output.output is None and not dry_run:
+        raise OptionsError("give an output with -o PATH (or check the inputs with --dry-run)")
+    if bn is not None and len(schedules) > 1:
+        raise OptionsError("--bn-data works with one output at a time; give one --sigma-rel")
+    names = output_names(output.output, schedules)
+    with open_checkpoints(
+        inputs,
+        keep_order=read.keep_order,
+        key=read.key,
+        strip_prefix=read.strip_prefix,
+        hub=hub,
+        fetch=not dry_run,
+    ) as checkpoints:
+        plans = [
+            build_plan(
+                checkpoints,
+                schedule,
+                output=name,
+                dtype=output.dtype,
+                accum_dtype=output.accum_dtype,
+                max_shard_size=output.max_shard_size,
+                force=output.force,
+                wrap_key=output.wrap_key,
+                nonfinite=output.nonfinite,
+                steps=output.steps,
+                selection=selection,
+            )
+            for schedule, name in zip(schedules, names, strict=True)
+        ]
+        if on_plans is not None:
+            on_plans(plans)
+        if dry_run:
+            return plans
         if bn is None:
-            return execute([plan], device=device, progress=progress)[0]
+            return execute(plans, device=output.device, progress=progress)
         from .bn.statistics import average_then_recompute_statistics
 
-        return average_then_recompute_statistics(plan, bn, device=device, progress=progress)
+        return [average_then_recompute_statistics(plans[0], bn, device=output.device, progress=progress)]
+
+
+def output_names(output: str | os.PathLike | None, schedules: Sequence[Schedule]) -> list[str | None]:
+    """One output per schedule: `output` as given, or formatted with each schedule's parameters.
+
+    Raises:
+        OptionsError: several schedules would write to the same place.
+    """
+    output = os.fspath(output) if output is not None else None
+    if output is None or len(schedules) == 1:
+        return [output] * len(schedules)
+    try:
+        names = [output.format(**schedule.params()) for schedule in schedules]
+    except (KeyError, IndexError, ValueError):
+        names = [output] * len(schedules)
+    if len(set(names)) < len(names):
+        raise OptionsError(
+            "several --sigma-rel/--gamma write several outputs: put {sigma_rel} (or {gamma}) "
+            "in -o, e.g. -o 'ema_{sigma_rel}.safetensors'"
+        )
+    return names
+
+
+def bn_update(
+    checkpoint_spec: str | os.PathLike,
+    bn: BatchNormPass,
+    *,
+    read: ReadOptions | None = None,
+    output: OutputOptions | None = None,
+    hub: HubOptions | None = None,
+    dry_run: bool = False,
+    progress: bool = False,
+    on_check: Callable[[str, list[str]], None] | None = None,
+) -> Plan | None:
+    """Recompute the BatchNorm statistics of one checkpoint and write it to `output.output`.
+
+    With `dry_run`, builds the model, checks the weights fit and opens the data, passes
+    (label, lines) to `on_check`, and returns None.
+
+    Raises:
+        OptionsError: no output, or the spec names several checkpoints.
+    """
+    from .bn.statistics import check_pass, write_with_new_statistics
+
+    read, output = read or ReadOptions(), output or OutputOptions()
+    if output.output is None and not dry_run:
+        raise OptionsError("give an output with -o PATH (or check with --dry-run)")
+    with open_checkpoints(
+        [checkpoint_spec], key=read.key, strip_prefix=read.strip_prefix, hub=hub, fetch=not dry_run
+    ) as checkpoints:
+        if len(checkpoints) > 1:
+            raise OptionsError(f"{checkpoint_spec} holds {len(checkpoints)} checkpoints; give one")
+        (checkpoint,) = checkpoints
+        if dry_run:
+            lines = check_pass(checkpoint, bn)
+            if on_check is not None:
+                on_check(checkpoint.label, lines)
+            return None
+        plan, _ = write_with_new_statistics(
+            checkpoint,
+            bn,
+            output=output.output,
+            provenance=checkpoint.metadata,
+            force=output.force,
+            max_shard_size=output.max_shard_size,
+            wrap_key=output.wrap_key,
+            progress=progress,
+        )
+        return plan
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What `inspect` finds in a checkpoint, from its headers."""
+
+    label: str
+    origin: str
+    notes: list[str]
+    tensors: dict  # name -> formats.dtypes.TensorInfo
+    metadata: dict[str, str]
+
+    @property
+    def parameters(self) -> int:
+        return sum(info.numel for info in self.tensors.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+    @property
+    def dtypes(self) -> str:
+        """`14 F32, 2 I64`: how many tensors of each dtype."""
+        return count_dtypes(info.dtype for info in self.tensors.values())
+
+
+def inspect(path: str | os.PathLike, *, key: str | None = None, hub: HubOptions | None = None) -> Inspection:
+    """Names, dtypes and shapes of a checkpoint's tensors, and its metadata, from headers only
+    (Hub safetensors files are read with range requests, not downloaded).
+
+    Raises:
+        OptionsError: the path holds several checkpoints.
+    """
+    with open_checkpoints([path], key=key, hub=hub, fetch=False) as checkpoints:
+        if len(checkpoints) > 1:
+            raise OptionsError(f"{path} holds {len(checkpoints)} checkpoints; inspect one of them")
+        (ck,) = checkpoints
+        return Inspection(ck.label, ck.origin, list(ck.notes), dict(ck.tensors), dict(ck.metadata))

@@ -34,6 +34,10 @@ class CkptavgError(Exception):
     """Base class: the CLI prints the message as one line and exits non-zero."""
 
 
+class OptionsError(CkptavgError):
+    """The options given contradict each other, or one a run needs is missing."""
+
+
 class InputError(CkptavgError):
     """An input is missing, unreadable or not a checkpoint ckptavg can read."""
 

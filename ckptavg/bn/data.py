@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
+from ..options import option
 from .imports import resolve_callable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -30,20 +31,61 @@ DEFAULT_CROP_FRACTION = 0.875  # resize to image_size / 0.875, then center-crop 
 
 @dataclass(frozen=True)
 class DataOptions:
-    """Where the batches come from and how many; field names are the CLI's option names."""
+    """Where the batches come from and how many."""
 
-    data: str
-    batch_size: int = 32
-    samples: int | None = None
-    max_batches: int | None = None
-    workers: int = 0
-    seed: int = 0
-    data_key: str | None = None
-    image_size: int | None = None
-    resize_size: int | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    strict_data: bool = False
+    data: str = option(
+        group="BatchNorm pass",
+        metavar="PATH|SPEC",
+        help="Data for the BatchNorm pass: an image folder (class subfolders or flat), a tensor file "
+        "(.safetensors, .pt, .npy) or package.module:callable returning batches.",
+    )
+    batch_size: int = option(
+        32, group="BatchNorm pass", minimum=1, show_default=True, help="Inputs per batch."
+    )
+    samples: int | None = option(
+        None, group="BatchNorm pass", minimum=1, help="Use this many inputs, drawn with --seed."
+    )
+    max_batches: int | None = option(
+        None, group="BatchNorm pass", minimum=1, help="Stop after this many batches."
+    )
+    workers: int = option(
+        0,
+        group="BatchNorm pass",
+        minimum=0,
+        show_default=True,
+        cli_default=2,
+        help="Processes decoding images (0: decode in this process).",
+    )
+    seed: int = option(0, group="BatchNorm pass", show_default=True, help="Seed for drawing --samples.")
+    data_key: str | None = option(
+        None, group="BatchNorm pass", metavar="NAME", help="Tensor files: the tensor holding the inputs."
+    )
+    image_size: int | None = option(
+        None, group="BatchNorm pass", minimum=1, help="Center-crop size [default: 224]."
+    )
+    resize_size: int | None = option(
+        None,
+        group="BatchNorm pass",
+        minimum=1,
+        help="Resize the shorter side to this before cropping [default: image size / 0.875].",
+    )
+    mean: tuple[float, ...] | None = option(
+        None,
+        group="BatchNorm pass",
+        metavar="R,G,B",
+        parse="floats",
+        help="Normalization mean [default: ImageNet's].",
+    )
+    std: tuple[float, ...] | None = option(
+        None,
+        group="BatchNorm pass",
+        metavar="R,G,B",
+        parse="floats",
+        help="Normalization std [default: ImageNet's].",
+    )
+    strict_data: bool = option(
+        False, group="BatchNorm pass", help="Fail on an unreadable image instead of skipping it."
+    )
 
 
 @dataclass

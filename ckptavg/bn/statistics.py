@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..errors import SHOWN_NAMES, CkptavgError, InputError, name_list
 from ..formats.readers import Checkpoint
+from ..options import option
 from ..plan.layout import Layout
 from ..plan.plan import Plan, build_plan
 from ..plan.tensors import OutputFile
@@ -44,12 +45,27 @@ class BatchNormPass:
         channels_last: run the model in channels-last memory format.
     """
 
-    model: str
+    model: str = option(
+        group="BatchNorm pass",
+        metavar="SPEC",
+        help="The architecture, built with random weights: package.module:callable, torchvision:NAME "
+        "or timm:NAME (imported and run: only give code you trust).",
+    )
     data: DataOptions
-    model_kwargs: dict = field(default_factory=dict)
+    model_kwargs: dict = option(
+        group="BatchNorm pass",
+        factory=dict,
+        metavar="JSON",
+        parse="json",
+        help="Keyword arguments for the model, e.g. '{\"num_classes\": 10}'.",
+    )
     device: str = "auto"
-    amp: str | None = None
-    channels_last: bool = False
+    amp: str | None = option(
+        None, group="BatchNorm pass", choices=("bf16", "fp16"), help="Run the pass under autocast (GPU)."
+    )
+    channels_last: bool = option(
+        False, group="BatchNorm pass", help="Run the model in channels-last memory format."
+    )
 
 
 def describe_pass(bn: BatchNormPass) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from ..options import option
 
 _SPEC = re.compile(
     r"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>refs/(?:pr|convert)/[^/]+|[^/]+))?(?:/(?P<path>.*))?$"
@@ -31,9 +32,21 @@ class HubOptions:
         progress: show download progress bars.
     """
 
-    token: str | None = None
-    cache_dir: str | os.PathLike | None = None
-    offline: bool | None = None
+    token: str | None = option(
+        None,
+        group="Hugging Face Hub",
+        metavar="TOKEN",
+        help="Hub access token [default: HF_TOKEN, or hf auth login's].",
+    )
+    cache_dir: str | os.PathLike | None = option(
+        None,
+        group="Hugging Face Hub",
+        metavar="DIR",
+        help="Hub cache folder [default: HF_HUB_CACHE, or HF_HOME/hub].",
+    )
+    offline: bool | None = option(
+        None, group="Hugging Face Hub", help="Use only the Hub cache, no network (also HF_HUB_OFFLINE=1)."
+    )
     progress: bool = False
 
     @property

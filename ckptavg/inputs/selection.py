@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError, ScheduleError
+from ..options import option
 from .folders import natural_key
 
 # Scalars training loops store next to the weights, tried when --metric is not given with --best.
@@ -26,14 +27,38 @@ METRIC_KEYS = ("metric", "best_metric", "best_acc1", "acc1", "accuracy", "val_lo
 class Selection:
     """What to keep; None everywhere keeps every checkpoint."""
 
-    last: int | None = None
-    every: int | None = None
-    from_step: int | None = None
-    to_step: int | None = None
-    best: int | None = None
-    metric: str | None = None
-    mode: str = "max"
-    metrics: str | Path | None = None
+    last: int | None = option(
+        None, group="Selection", metavar="K", help="Average only the K latest checkpoints by step (LAWA)."
+    )
+    every: int | None = option(
+        None, group="Selection", metavar="K", help="Keep every K-th checkpoint, counted back from the last."
+    )
+    from_step: int | None = option(
+        None, group="Selection", metavar="A", help="Keep checkpoints from step A on."
+    )
+    to_step: int | None = option(None, group="Selection", metavar="B", help="Keep checkpoints up to step B.")
+    best: int | None = option(
+        None, group="Selection", metavar="K", help="Keep the K best checkpoints by --metric."
+    )
+    metric: str | None = option(
+        None,
+        group="Selection",
+        metavar="NAME",
+        help="Scalar for --best, stored in torch checkpoints (metric, best_acc1, ...) or --metrics.",
+    )
+    mode: str = option(
+        "max",
+        group="Selection",
+        choices=("max", "min"),
+        show_default=True,
+        help="Whether a larger or a smaller --metric is better.",
+    )
+    metrics: str | Path | None = option(
+        None,
+        group="Selection",
+        metavar="FILE",
+        help="JSON or CSV of metrics per checkpoint, with a 'step' or 'checkpoint' column.",
+    )
 
     @property
     def active(self) -> bool:

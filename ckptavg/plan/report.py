@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from ..errors import plural
@@ -12,7 +12,6 @@ from ..memory import CHUNK_ELEMENTS
 from ..schedules import effective_count, implied_sigma_rel
 from ..units import format_bytes
 from .layout import INDEX_NAME
-from .tensors import TensorPlan
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -43,7 +42,9 @@ def describe(plan: Plan) -> list[str]:
         f"input:      {format_bytes(sum(ck.nbytes for ck in plan.checkpoints))} in "
         f"{plural(len(plan.checkpoints), 'checkpoint')}, {format_bytes(plan.bytes_to_read)} to read"
     )
-    lines.append(f"output:     {format_bytes(plan.output_nbytes)}, {_count_dtypes(plan.tensors)}")
+    lines.append(
+        f"output:     {format_bytes(plan.output_nbytes)}, {count_dtypes(t.dtype for t in plan.tensors)}"
+    )
     lines.extend(_writes(plan))
     lines.append(
         f"memory:     ~{format_bytes(plan.working_bytes)} of buffers "
@@ -116,8 +117,9 @@ def _writes(plan: Plan) -> list[str]:
     return lines
 
 
-def _count_dtypes(tensors: Sequence[TensorPlan]) -> str:
+def count_dtypes(names: Iterable[str]) -> str:
+    """`14 F32, 2 I64`: how many tensors of each dtype, in the order first seen."""
     counts: dict[str, int] = {}
-    for t in tensors:
-        counts[t.dtype] = counts.get(t.dtype, 0) + 1
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
     return ", ".join(f"{n} {d}" for d, n in counts.items())

@@ -1,0 +1,220 @@
+"""The averaging commands, `swa`, `ema` and `avg`: a schedule from the method's flags, then one
+library call (`api.average_many`), its plans reported before the run and its outputs after."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..bn.data import DataOptions
+from ..bn.statistics import BatchNormPass
+from ..inputs.hub_options import HubOptions
+from ..inputs.selection import Selection
+from ..options import OutputOptions, ReadOptions
+from .flags import (
+    CONTEXT,
+    GroupedCommand,
+    GroupedOption,
+    apply,
+    bn_pass,
+    flags,
+    parser,
+    report_pass,
+    reports_errors,
+    run_flags,
+    say,
+    take,
+)
+
+
+def _averaging_flags(command):
+    """The flags every averaging command takes; each has the name of its Python argument."""
+    return apply(
+        [
+            click.argument("inputs", nargs=-1, required=True, metavar="INPUTS..."),
+            *flags(ReadOptions),
+            *flags(Selection),
+            *flags(OutputOptions),
+            *flags(BatchNormPass),
+            *flags(DataOptions, rename={"data": "bn_data"}, help={"data": _BN_DATA_HELP}),
+            *flags(HubOptions),
+            *run_flags("Check the inputs and print the plan; write nothing."),
+        ],
+        command,
+    )
+
+
+_BN_DATA_HELP = (
+    "Data for a BatchNorm pass over the average before it is written: an image folder, a tensor file "
+    "(.safetensors, .pt, .npy) or package.module:callable returning batches."
+)
+
+
+def _method(*names, **kwargs):
+    return click.option(*names, cls=GroupedOption, group="Method", **kwargs)
+
+
+@click.command(cls=GroupedCommand, context_settings=CONTEXT)
+@_averaging_flags
+@reports_errors
+def swa(**values):
+    """Equal-weight average (SWA, uniform soup), as torch's AveragedModel computes it.
+
+    Floating tensors are averaged in float32; integer and bool tensors (such as
+    BatchNorm's num_batches_tracked) are copied from the last checkpoint.
+
+    \b
+    ckptavg swa 'ckpts/*.safetensors' -o swa.safetensors
+    ckptavg swa run/step_*/ -o swa/ --max-shard-size 5GB
+    ckptavg swa 'ckpts/*.pth' --key model_ema --strip-prefix module. -o swa.pt
+    """
+    from ..schedules import swa as schedule
+
+    _average([schedule()], values)
+
+
+@click.command(cls=GroupedCommand, context_settings=CONTEXT)
+@_method(
+    "--decay",
+    type=float,
+    help="Weight kept by the running average per checkpoint (per step with --per-step).",
+)
+@_method(
+    "--per-step",
+    is_flag=True,
+    help="The decay is per training step: each checkpoint weighs the steps since the one before.",
+)
+@_method(
+    "--half-life", type=float, metavar="STEPS", help="Instead of --decay: the half-life in training steps."
+)
+@_method(
+    "--bias-correction",
+    is_flag=True,
+    help="Start from zeros and divide by 1 - decay^N (as Adam and optax), not from the first checkpoint.",
+)
+@_method(
+    "--sigma-rel",
+    type=float,
+    multiple=True,
+    metavar="X",
+    help="Post-hoc power EMA of this relative width, e.g. 0.05 (repeatable: several outputs, one "
+    "read; put {sigma_rel} in -o).",
+)
+@_method("--gamma", type=float, multiple=True, metavar="G", help="Post-hoc power EMA by its exponent.")
+@_averaging_flags
+@reports_errors
+def ema(decay, per_step, half_life, bias_correction, sigma_rel, gamma, **values):
+    """Exponential moving average: torch's per-checkpoint EMA, per-step EMA, or post-hoc power EMA.
+
+    \b
+    Per checkpoint (--decay): the first checkpoint is the starting value, then
+    each later one applies avg = decay * avg + (1 - decay) * x, as torchvision's
+    reference EMA does. The decay applies once per checkpoint: --decay 0.999
+    over 10 checkpoints leaves 99.1% of the weight on the first one, and the
+    plan warns about such weights.
+
+    \b
+    Per step (--per-step with --decay, or --half-life): the decay applies once
+    per training step, and each checkpoint stands for the steps since the one
+    before (weights taken as constant between saves), so the result equals
+    torch's per-step EMA when every step is saved and does not depend on how
+    often checkpoints were saved otherwise. Needs each checkpoint's step.
+
+    \b
+    Post-hoc power EMA (--sigma-rel or --gamma; Karras et al. 2024): the
+    profile p(t) ~ t^gamma at the last step, integrated over each checkpoint's
+    steps; sigma_rel = sqrt((g+1) / ((g+2)^2 (g+3))), below 0.289. Several
+    values write several outputs from one read of the inputs.
+
+    \b
+    ckptavg ema --decay 0.9 'ckpts/*.safetensors' -o ema.safetensors
+    ckptavg ema --half-life 5000 'run/step_*.safetensors' -o ema.safetensors
+    ckptavg ema --sigma-rel 0.05 --sigma-rel 0.1 'run/step_*' -o 'ema_{sigma_rel}.safetensors'
+    """
+    from .. import schedules
+
+    power = [schedules.power_ema(sigma_rel=x) for x in sigma_rel] + [
+        schedules.power_ema(gamma=g) for g in gamma
+    ]
+    if power and (decay is not None or half_life is not None):
+        raise click.UsageError("give either --decay/--half-life or --sigma-rel/--gamma")
+    if not power and decay is None and half_life is None:
+        raise click.UsageError("give --decay (or --half-life, --sigma-rel, --gamma)")
+    schedule = power or [
+        schedules.ema(decay, half_life=half_life, per_step=per_step, bias_correction=bias_correction)
+    ]
+    _average(schedule, values)
+
+
+@click.command(cls=GroupedCommand, context_settings=CONTEXT)
+@_method(
+    "--weights",
+    required=True,
+    callback=parser("floats"),
+    metavar="W1,W2,...",
+    help="One weight per checkpoint, in averaging order; normalized to sum to 1.",
+)
+@_averaging_flags
+@reports_errors
+def avg(weights, **values):
+    """Weighted average with explicit weights, normalized to sum to 1.
+
+    The weights follow the averaging order (natural order unless --keep-order),
+    which the plan prints next to each weight.
+
+    \b
+    ckptavg avg --weights 0.2,0.3,0.5 a.safetensors b.safetensors c.safetensors -o mix.safetensors
+    ckptavg avg --weights 1,3 --keep-order best.safetensors last.safetensors -o mix.safetensors
+    """
+    from ..schedules import weighted
+
+    _average([weighted(weights)], values)
+
+
+def _average(schedules, values: dict) -> None:
+    """One library call (`average_many`), reporting the plans before the run and the outputs after."""
+    from ..api import average_many
+    from ..bn.statistics import describe_pass
+
+    inputs, dry_run, quiet = values.pop("inputs"), values.pop("dry_run"), values.pop("quiet")
+    progress = not quiet and sys.stderr.isatty()
+    output = take(OutputOptions, values)
+    bn = bn_pass(values, output.device, data_flag="bn_data")
+    shown: list[str] = []
+
+    def report(plans) -> None:
+        if not quiet or dry_run:
+            for i, plan in enumerate(plans):
+                say(*([""] if i else []), *plan.describe())
+            if bn is not None:
+                say(describe_pass(bn))
+        shown.extend(plans[0].warnings)
+        for warning in shown:
+            say(f"warning: {warning}", err=True)
+
+    plans = average_many(
+        inputs,
+        schedules,
+        read=take(ReadOptions, values),
+        output=output,
+        selection=take(Selection, values),
+        hub=take(HubOptions, values, progress=progress),
+        bn=bn,
+        dry_run=dry_run,
+        progress=progress,
+        on_plans=report,
+    )
+    if dry_run:
+        say("dry run: nothing written")
+        return
+    for warning in plans[0].warnings[len(shown) :]:  # found while averaging (non-finite values)
+        say(f"warning: {warning}", err=True)
+    if not quiet:
+        if bn is not None:
+            report_pass(plans[0])
+        from ..units import format_bytes
+
+        for plan in plans:
+            size = f"{format_bytes(plan.output_nbytes)}, {len(plan.tensors)} tensors"
+            say(f"wrote {plan.output}{'/' if plan.folder else ''} ({size})")
