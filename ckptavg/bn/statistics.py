@@ -302,15 +302,15 @@ def _calling_with_batch(model):
 
 
 class _WithReplacements:
-    """A checkpoint's file, with some tensors served from memory instead (the new statistics)."""
+    """A checkpoint as one `CheckpointFile`, with some tensors served from memory instead (the new
+    statistics): the executor then writes it like any input, through the same atomic writer."""
 
     notes: tuple[str, ...] = ()
-
     stamp = None  # the wrapped checkpoint checks its own files
 
     def __init__(self, checkpoint: Checkpoint, replacements: dict):
         self.path, self.tensors, self.metadata = checkpoint.path, checkpoint.tensors, checkpoint.metadata
-        self.tied = checkpoint.tied
+        self.tied, self.scalars = checkpoint.tied, checkpoint.scalars
         self._checkpoint, self._replacements = checkpoint, replacements
 
     def get(self, name: str, info):

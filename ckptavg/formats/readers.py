@@ -18,20 +18,44 @@ from __future__ import annotations
 
 import errno
 import json
-import mmap
 import os
-import struct
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 from ..errors import InputError
-from . import dtypes
 from .dtypes import TensorInfo
-from .torch_format import TORCH_SUFFIXES, read_torch_weights, tied_groups
+from .files import HeaderOnlyFile, SafetensorsFile, TorchFile, changed_message, stamp_of
+from .torch_format import TORCH_SUFFIXES
 
 INDEX_SUFFIX = ".index.json"
 SAFETENSORS_SUFFIX = ".safetensors"
 _LOOP = "a symlink that loops back on itself (circular)"
+
+
+class CheckpointFile(Protocol):
+    """One file of a checkpoint, as `Checkpoint` reads it (safetensors, torch, headers only, ...).
+
+    Attributes:
+        path: the file (a name only, for a file known by its header).
+        tensors: stored name -> `TensorInfo`.
+        metadata: string metadata stored with it.
+        scalars: numbers stored with it (step, epoch, metrics).
+        notes: how it was read, for the plan.
+        tied: groups of stored names that share memory.
+        stamp: size and modification time when opened, or None if nothing on disk can change.
+    """
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    scalars: dict[str, float]
+    notes: Sequence[str]
+    tied: Sequence[Sequence[str]]
+    stamp: tuple[int, int] | None
+
+    def get(self, name: str, info: TensorInfo):
+        """The stored tensor `name` as a read-only view."""
 
 
 class Checkpoint:
@@ -53,7 +77,7 @@ class Checkpoint:
     def __init__(
         self,
         path: Path,
-        shards: Sequence,
+        shards: Sequence[CheckpointFile],
         weight_map: dict[str, str] | None,
         strip_prefix: Sequence[str],
         label: str | None = None,
@@ -93,7 +117,7 @@ class Checkpoint:
                 )
         self.tied = [[_strip(n, strip_prefix) for n in group] for group in self.tied]
         self.notes = [note for shard in self._shards[:1] for note in shard.notes]
-        self.scalars: dict[str, float] = dict(getattr(self._shards[0], "scalars", {})) if self._shards else {}
+        self.scalars: dict[str, float] = dict(self._shards[0].scalars) if self._shards else {}
         stripped = [p for p in strip_prefix if any(s.startswith(p) for s in stored_of.values())]
         if stripped:
             self.notes.append("stripped " + ", ".join(f"'{p}'" for p in stripped))
@@ -119,7 +143,7 @@ class Checkpoint:
     def byte_range(self, name: str) -> tuple[Path, int, int] | None:
         """Where tensor `name`'s bytes lie in a safetensors file, or None (torch files, headers only)."""
         shard, stored = self._where[name]
-        if not isinstance(shard, _SafetensorsFile):
+        if not isinstance(shard, SafetensorsFile):
             return None
         return (shard.path, *shard.offsets[stored])
 
@@ -143,8 +167,8 @@ class Checkpoint:
             InputError: naming the file that changed.
         """
         for shard in self._shards:
-            if shard.stamp is not None and _stamp(shard.path) != shard.stamp:
-                raise InputError(_changed(shard.path))
+            if shard.stamp is not None and stamp_of(shard.path) != shard.stamp:
+                raise InputError(changed_message(shard.path))
 
     def close(self) -> None:
         """Drop the maps; they are unmapped once no tensor view refers to them."""
@@ -217,7 +241,7 @@ def open_headers(
     Enough to plan and validate a run, e.g. of Hub checkpoints not yet downloaded;
     reading a tensor raises.
     """
-    shards = [_HeaderOnlyFile(Path(name), tensors, metadata) for name, (tensors, metadata) in headers.items()]
+    shards = [HeaderOnlyFile(Path(name), tensors, metadata) for name, (tensors, metadata) in headers.items()]
     return Checkpoint(Path(label), shards, weight_map, strip_prefix, label, origin)
 
 
@@ -230,23 +254,13 @@ def _loops(path: Path) -> bool:
     return False
 
 
-def _checked_info(path: Path, name: str, dtype: str, shape: tuple[int, ...]) -> TensorInfo:
-    """The tensor's `TensorInfo`, once its shape is seen to fit a 64-bit address space."""
-    if not dtypes.addressable(dtype, shape):
-        raise InputError(
-            f"{path}: tensor '{name}' has shape {list(shape)}, too large for any tensor even with its zero "
-            "dimensions (the header is damaged); save the checkpoint again"
-        )
-    return TensorInfo(dtype, shape)
-
-
 def _open_file(path: Path, key: str | None):
     if _loops(path):
         raise InputError(f"{path}: {_LOOP}; point it at the checkpoint file")
     if path.name.endswith(TORCH_SUFFIXES):
-        return _TorchFile(path, key)
+        return TorchFile(path, key)
     if path.suffix == SAFETENSORS_SUFFIX:
-        return _SafetensorsFile(path)
+        return SafetensorsFile(path)
     raise InputError(
         f"{path}: not a checkpoint file ckptavg reads (.safetensors, {', '.join(TORCH_SUFFIXES)})"
     )
@@ -257,172 +271,6 @@ def _strip(name: str, prefixes: Sequence[str]) -> str:
         if name.startswith(prefix):
             name = name[len(prefix) :]
     return name
-
-
-class _SafetensorsFile:
-    """A safetensors file: header validated by safetensors, data from one private map."""
-
-    notes: tuple[str, ...] = ()
-    tied: tuple = ()
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.stamp = _stamp(path)
-        handle = _safe_open(path)
-        self.tensors = {}
-        for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
-            view = handle.get_slice(name)
-            dtype = view.get_dtype()
-            if not dtypes.is_known(dtype):
-                raise InputError(f"{path}: tensor '{name}' has dtype {dtype}, which ckptavg cannot average")
-            self.tensors[name] = _checked_info(path, name, dtype, tuple(view.get_shape()))
-        self.metadata = dict(handle.metadata() or {})
-        self.scalars = _numbers(self.metadata)
-        self._bytes = None
-        self.offsets = _data_offsets(path, self.tensors)
-
-    def get(self, name: str, info: TensorInfo):
-        begin, end = self.offsets[name]
-        return self.get_bytes(begin, end, info.dtype).view(info.shape)
-
-    def get_bytes(self, begin: int, end: int, dtype: str):
-        """The file's bytes [begin, end) as a flat tensor of `dtype`, zero-copy."""
-        if self._bytes is None:
-            self._map()
-        raw = self._bytes[begin:end]
-        try:
-            return raw.view(dtypes.torch_dtype(dtype))
-        except RuntimeError:  # misaligned data (files from old writers): a copy, still correct
-            return raw.clone().view(dtypes.torch_dtype(dtype))
-
-    def _map(self) -> None:
-        import torch
-
-        try:
-            with open(self.path, "rb") as f:
-                if _stamp(f.fileno()) != self.stamp:
-                    raise InputError(_changed(self.path))
-                # ACCESS_COPY (MAP_PRIVATE, as safetensors maps): writable for torch, never written back.
-                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
-                mapped.madvise(mmap.MADV_SEQUENTIAL)  # tensors are read front to back: read ahead further
-        except (OSError, ValueError) as e:
-            raise InputError(f"{self.path}: cannot map the file: {e}") from e
-        self._bytes = torch.frombuffer(mapped, dtype=torch.uint8)
-
-
-def _data_offsets(path: Path, tensors: dict[str, TensorInfo]) -> dict[str, tuple[int, int]]:
-    """Each tensor's byte range in the file, from the header safetensors validated.
-
-    Read again here, so it must say what safetensors read: a name listed twice (each
-    reader might keep another entry) or a range that does not fit its tensor is refused.
-    """
-    with open(path, "rb") as f:
-        (header_length,) = struct.unpack("<Q", f.read(8))
-        text = f.read(header_length)
-    start = 8 + header_length
-    try:
-        entries = json.loads(text, object_pairs_hook=_no_duplicates)
-        ranges = {name: tuple(entries[name]["data_offsets"]) for name in tensors}
-    except (ValueError, KeyError, TypeError, RecursionError) as e:
-        raise InputError(f"{path}: its header reads differently to safetensors ({e}); save it again") from e
-    for name, (begin, end) in ranges.items():
-        if end - begin != tensors[name].nbytes:
-            raise InputError(
-                f"{path}: tensor '{name}' has a byte range that does not fit its shape; save it again"
-            )
-    return {name: (start + begin, start + end) for name, (begin, end) in ranges.items()}
-
-
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    names = [name for name, _ in pairs]
-    if len(set(names)) != len(names):
-        twice = next(name for name in names if names.count(name) > 1)
-        raise ValueError(f"'{twice}' is listed twice")
-    return dict(pairs)
-
-
-class _HeaderOnlyFile:
-    """A safetensors file described by its header, with no data at hand."""
-
-    notes: tuple[str, ...] = ("header only, not downloaded",)
-    tied: tuple = ()
-    stamp = None
-
-    def __init__(self, path: Path, tensors: dict[str, TensorInfo], metadata: dict[str, str]):
-        self.path, self.tensors, self.metadata = path, tensors, metadata
-        self.scalars = _numbers(metadata)
-
-    def get(self, name: str, info: TensorInfo):
-        raise InputError(f"{self.path}: tensor '{name}' was not downloaded (the checkpoint was only planned)")
-
-
-class _TorchFile:
-    """A torch checkpoint, mapped lazily; only the chosen dict of weights is used."""
-
-    metadata: dict[str, str] = {}  # noqa: RUF012 (never mutated)
-
-    def __init__(self, path: Path, key: str | None):
-        self.path = path
-        self.stamp = _stamp(path)
-        weights = read_torch_weights(path, key)
-        self.scalars = weights.scalars
-        self.tensors = {}
-        for name, tensor in weights.tensors.items():
-            try:
-                dtype = dtypes.safetensors_name(tensor.dtype)
-            except KeyError:
-                raise InputError(
-                    f"{path}: tensor '{name}' has dtype {tensor.dtype}, which ckptavg cannot average"
-                ) from None
-            self.tensors[name] = _checked_info(path, name, dtype, tuple(tensor.shape))
-        self._values = weights.tensors
-        self.tied = tied_groups(weights.tensors)
-        self.notes = [f"torch, key '{weights.key}'" if weights.key else "torch, flat state dict"]
-        if weights.skipped:
-            self.notes.append(
-                f"{weights.skipped} non-tensor entr{'y' if weights.skipped == 1 else 'ies'} skipped"
-            )
-
-    def get(self, name: str, info: TensorInfo):
-        return self._values[name]
-
-
-def _numbers(metadata: dict[str, str]) -> dict[str, float]:
-    """Metadata values that are numbers (a step or a metric saved with the weights)."""
-    numbers = {}
-    for key, value in metadata.items():
-        try:
-            numbers[key] = float(value)
-        except ValueError:
-            continue
-    return numbers
-
-
-def _stamp(file) -> tuple[int, int] | None:
-    """Size and modification time of a path or open file descriptor, to notice a file being rewritten."""
-    try:
-        info = os.stat(file)
-    except OSError:
-        return None
-    return info.st_size, info.st_mtime_ns
-
-
-def _changed(path: Path) -> str:
-    return f"{path}: changed while being read (still being written?); run again once it is complete"
-
-
-def _safe_open(path: Path):
-    from safetensors import safe_open
-
-    try:
-        return safe_open(path, framework="pt", device="cpu")
-    except FileNotFoundError as e:
-        raise InputError(f"{path}: no such file") from e
-    except IsADirectoryError as e:
-        raise InputError(f"{path}: is a folder, not a safetensors file") from e
-    except Exception as e:  # SafetensorError, OSError: the file is not what it should be
-        raise InputError(f"{path}: not a readable safetensors file ({e})") from e
 
 
 def _read_weight_map(index_path: Path) -> dict[str, str]:
