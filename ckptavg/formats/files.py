@@ -8,7 +8,7 @@ import json
 import mmap
 import os
 import struct
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ..errors import InputError
 from . import dtypes
@@ -116,12 +116,16 @@ class HeaderOnlyFile:
     tied: tuple = ()
     stamp = None
 
-    def __init__(self, path: Path, tensors: dict[str, TensorInfo], metadata: dict[str, str]):
-        self.path, self.tensors, self.metadata = path, tensors, metadata
+    def __init__(self, name: str, label: str, tensors: dict[str, TensorInfo], metadata: dict[str, str]):
+        self.path = PurePosixPath(name)  # its name in the checkpoint's folder, not a file here
+        self.label = label
+        self.tensors, self.metadata = tensors, metadata
         self.scalars = _numbers(metadata)
 
     def get(self, name: str, info: TensorInfo):
-        raise InputError(f"{self.path}: tensor '{name}' was not downloaded (the checkpoint was only planned)")
+        raise InputError(
+            f"{self.label}: tensor '{name}' was not downloaded (the checkpoint was only planned)"
+        )
 
 
 class TorchFile:

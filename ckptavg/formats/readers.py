@@ -62,7 +62,8 @@ class Checkpoint:
     """One input checkpoint, whole: a single file or every shard of a sharded one.
 
     Attributes:
-        path: the file the user's spec resolved to (a weights file or an index).
+        path: the file the user's spec resolved to (a weights file or an index); None for a
+            checkpoint known by its headers alone (`open_headers`), which has no file here.
         label: how the plan names it (the path, or the `hf://` spec it came from).
         origin: how the output's metadata records it (a Hub revision pinned to its commit).
         tensors: name -> `TensorInfo`, names as averaged (prefixes stripped).
@@ -76,7 +77,7 @@ class Checkpoint:
 
     def __init__(
         self,
-        path: Path,
+        path: Path | None,
         shards: Sequence[CheckpointFile],
         weight_map: dict[str, str] | None,
         strip_prefix: Sequence[str],
@@ -112,7 +113,7 @@ class Checkpoint:
             missing = [stored for stored in weight_map if _strip(stored, strip_prefix) not in self.tensors]
             if missing:
                 raise InputError(
-                    f"{path}: tensor '{missing[0]}' is not in {weight_map[missing[0]]}"
+                    f"{self.label}: tensor '{missing[0]}' is not in {weight_map[missing[0]]}"
                     + (f" ({len(missing) - 1} more tensors missing)" if len(missing) > 1 else "")
                 )
         self.tied = [[_strip(n, strip_prefix) for n in group] for group in self.tied]
@@ -124,12 +125,16 @@ class Checkpoint:
 
     @property
     def files(self) -> list[Path]:
-        """Every file this checkpoint is made of: the given path and its shards."""
+        """Every local file this checkpoint is made of: the given path and its shards (none for a
+        checkpoint known by its headers alone)."""
+        if self.path is None:
+            return []
         return [self.path, *sorted({shard.path for shard in self._shards} - {self.path})]
 
     @property
-    def folder(self) -> Path:
-        return self.path.parent
+    def folder(self) -> Path | None:
+        """The folder holding it, where its config and tokenizer files are; None without files here."""
+        return self.path.parent if self.path is not None else None
 
     @property
     def nbytes(self) -> int:
@@ -241,8 +246,8 @@ def open_headers(
     Enough to plan and validate a run, e.g. of Hub checkpoints not yet downloaded;
     reading a tensor raises.
     """
-    shards = [HeaderOnlyFile(Path(name), tensors, metadata) for name, (tensors, metadata) in headers.items()]
-    return Checkpoint(Path(label), shards, weight_map, strip_prefix, label, origin)
+    shards = [HeaderOnlyFile(name, label, tensors, metadata) for name, (tensors, metadata) in headers.items()]
+    return Checkpoint(None, shards, weight_map, strip_prefix, label, origin)
 
 
 def _loops(path: Path) -> bool:

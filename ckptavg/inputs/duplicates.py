@@ -18,6 +18,8 @@ def duplicate_warnings(checkpoints: Sequence[Checkpoint]) -> list[str]:
     by_content: dict[tuple, str] = {}
     warnings = []
     for ck in checkpoints:
+        if ck.path is None:  # known by its headers alone: nothing here to compare
+            continue
         real = ck.path.resolve()
         fingerprint = _fingerprint(ck)
         if real in by_path:
@@ -42,6 +44,6 @@ def _fingerprint(checkpoint: Checkpoint) -> tuple | None:
                     f.seek(offset)
                     samples.append(f.read(_SAMPLE))
         except OSError:
-            return None  # not a local file (a Hub checkpoint known by its header)
+            return None  # unreadable: no fingerprint
         parts.append((size, hashlib.sha256(b"".join(samples)).hexdigest()))
     return tuple(parts), tuple(sorted((n, i.dtype, i.shape) for n, i in checkpoint.tensors.items()))

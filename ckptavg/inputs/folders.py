@@ -38,17 +38,18 @@ Listing = Callable[[str], tuple[list[str], list[str]]]
 
 @dataclass(frozen=True)
 class Source:
-    """A checkpoint file on disk and where it came from.
+    """A checkpoint file on disk, or a Hub checkpoint known by its headers, and where it came from.
 
     Attributes:
-        path: the local file: a weights file, or the `*.index.json` of shards.
+        path: the local file: a weights file, or the `*.index.json` of shards; None when the
+            checkpoint is known by `headers` alone.
         label: what the plan shows, e.g. `ckpts/step_2.safetensors` or `hf://org/run@step2/model.safetensors`.
         origin: what the output's metadata records: the label, with a Hub revision pinned to its commit.
         headers: for a Hub checkpoint that was not fetched (planning only): (file name ->
             (tensors, metadata) of each safetensors file, weight map or None), read with range requests.
     """
 
-    path: Path
+    path: Path | None
     label: str
     origin: str
     headers: tuple | None = None

@@ -347,7 +347,7 @@ def _headers(checkpoint: _Checkpoint, spec: str, options: HubOptions) -> Source:
             headers[PurePosixPath(path).name] = (tensors, dict(header.metadata or {}))
         is_index = checkpoint.weights.endswith(INDEX_SUFFIX)
         weight_map = _weight_map(checkpoint, spec, options) if is_index else None
-    return Source(Path(checkpoint.label), checkpoint.label, checkpoint.origin, headers=(headers, weight_map))
+    return Source(None, checkpoint.label, checkpoint.origin, headers=(headers, weight_map))
 
 
 def _cached(checkpoint: _Checkpoint, path: str, options: HubOptions) -> bool:

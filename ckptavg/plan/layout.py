@@ -151,8 +151,8 @@ def lay_out(
         files = (OutputFile(target.name, tuple(tensors)),)
         return Layout(target, torch_output=torch_output, wrap_key=wrap_key, files=files)
     last = checkpoints[-1]
-    root = allowed_root(last.folder, last.label)
-    extra_files, skipped = find_side_files(last.folder, root)
+    root = allowed_root(last.folder, last.label) if last.folder is not None else None
+    extra_files, skipped = find_side_files(last.folder, root) if root is not None else ([], [])
     limit = parse_size(max_shard_size if max_shard_size is not None else DEFAULT_FOLDER_SHARD_SIZE)
     files = _shards(tensors, limit)
     written = {f.name for f in files} | {p.name for p in extra_files} | {INDEX_NAME}
