@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 fuzz: $(STAMP)
-	CKPTAVG_FUZZ_CASES=$${CKPTAVG_FUZZ_CASES:-20000} $(BIN)/python -m pytest -q tests/test_fuzz.py
+	CKPTAVG_FUZZ_CASES=$${CKPTAVG_FUZZ_CASES:-20000} $(BIN)/python -m pytest -q tests/formats/test_fuzz.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -4,7 +4,7 @@
 shows as the case that caused it. Each case is made from `--seed` and its number
 alone, so one command reproduces it (and `--keep` leaves its files behind):
 
-    .venv/bin/python tests/fuzz_worker.py --seed 0 --cases 17 --keep /tmp/case17
+    .venv/bin/python tests/formats/fuzz_worker.py --seed 0 --cases 17 --keep /tmp/case17
 
 Protocol on stdout: one JSON object per line: `{"ready": true}` once imported,
 then per case `{"case": n, "started": true}` and `{"case": n, "mutation": ..., "problems": [...]}`.
