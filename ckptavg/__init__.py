@@ -10,16 +10,17 @@ __version__ = "0.1.0"
 
 from typing import TYPE_CHECKING
 
-from .errors import CkptavgError, InputError, MismatchError, OutputError, ScheduleError
+from .errors import CkptavgError, InputError, MismatchError, OptionsError, OutputError, ScheduleError
 from .inputs.selection import Selection
 from .schedules import ema, power_ema, swa, weighted
 
 if TYPE_CHECKING:  # what `__getattr__` loads on first use, visible to editors and type checkers
-    from .api import average, open_checkpoints
+    from .api import average, average_many, bn_update, inspect, open_checkpoints
     from .bn.data import DataOptions
     from .bn.statistics import BatchNormPass
     from .formats.readers import open_checkpoint
     from .inputs.hub_options import HubOptions
+    from .options import OutputOptions, ReadOptions
     from .plan.plan import build_plan
     from .run.executor import run_plan, run_plans
 
@@ -30,13 +31,19 @@ __all__ = [
     "HubOptions",
     "InputError",
     "MismatchError",
+    "OptionsError",
     "OutputError",
+    "OutputOptions",
+    "ReadOptions",
     "ScheduleError",
     "Selection",
     "__version__",
     "average",
+    "average_many",
+    "bn_update",
     "build_plan",
     "ema",
+    "inspect",
     "open_checkpoint",
     "open_checkpoints",
     "power_ema",
@@ -48,6 +55,11 @@ __all__ = [
 
 _LAZY = {
     "average": "api",
+    "average_many": "api",
+    "bn_update": "api",
+    "inspect": "api",
+    "OutputOptions": "options",
+    "ReadOptions": "options",
     "open_checkpoints": "api",
     "run_plan": "run.executor",
     "run_plans": "run.executor",
