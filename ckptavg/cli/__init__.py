@@ -24,7 +24,7 @@ from .others import bn_update, inspect
 def run() -> None:
     """The `ckptavg` console script: `main`, then leave without the interpreter's teardown.
 
-    Tearing down the modules after `import torch` takes about 0.3 s, a sixth of a
+    Tearing down the modules after `import torch` takes a noticeable part of a
     small run, and does nothing a finished command needs: its output is already
     fsynced and renamed. The exit handlers libraries registered (workers to stop,
     logs to flush) still run, and the standard streams are flushed. A traceback

@@ -7,11 +7,11 @@ checkpoints saved by different wrappers line up.
 
 safetensors headers are read and validated by `safetensors.safe_open` (offsets
 tile the data, sizes match the file). Data is read from one private memory map
-per file: `Checkpoint.get` slices it at the tensor's offsets, a zero-copy view
-that costs no memory beyond page cache, and ~10x less per call than
-`safe_open.get_tensor` (which matters for models with thousands of small
-tensors). Torch files are mapped by `torch.load(mmap=True)`. Callers must never
-write into a returned tensor (the pages would turn into private copies).
+per file (see `files`): `Checkpoint.get` slices it at the tensor's offsets, a
+zero-copy view that costs no memory beyond page cache and far less per call
+than `safe_open.get_tensor` (which matters for models with thousands of small
+tensors). Torch archives are checked and mapped by `torch_archive`. Callers must
+never write into a returned tensor (the pages would turn into private copies).
 """
 
 from __future__ import annotations

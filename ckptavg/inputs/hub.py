@@ -225,7 +225,7 @@ def _checkpoints_at(hub: HubSpec, sizes: dict[str, int], spec: str, revision) ->
 
 
 def _listing(sizes: dict[str, int], folders: set[str]):
-    """A `sources.Listing` over the repo's paths: the names directly inside a folder."""
+    """A `folders.Listing` over the repo's paths: the names directly inside a folder."""
 
     def children(paths, folder: str) -> list[str]:
         parent = folder or "."

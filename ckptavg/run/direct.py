@@ -2,12 +2,12 @@
 
 Written normally, every output byte is first copied into the page cache, and
 the kernel then spends more CPU writing those pages back. On 2 cores that is
-CPU the sums need. With its output written with `O_DIRECT`, and the sums on
-every core, a whole `ckptavg swa` of 8 x 1 GB took 0.93x the time (median of 12
-interleaved rounds). `O_DIRECT` asks for aligned memory, offsets and lengths, so
-appended bytes are gathered into page-aligned staging buffers, and an I/O
-thread writes each full one while the next fills. What is still staged at the
-end (less than a buffer) is handed back to be written the ordinary way.
+CPU the sums need: with the output written with `O_DIRECT`, the sums get every
+core and whole runs are faster (see the README's benchmark). `O_DIRECT` asks
+for aligned memory, offsets and lengths, so appended bytes are gathered into
+page-aligned staging buffers, and an I/O thread writes each full one while the
+next fills. What is still staged at the end (less than a buffer) is handed back
+to be written the ordinary way.
 """
 
 from __future__ import annotations

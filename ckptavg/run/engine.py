@@ -3,7 +3,7 @@
 Inputs are zero-copy views of memory-mapped files. A large tensor is processed
 in fixed-size flat chunks (the sum is elementwise), so working memory is a few
 preallocated buffers whatever the model size: fp32 (or fp64) accumulators, a
-scratch buffer to cast other dtypes into (a mixed-dtype `add_` is ~3x slower
+scratch buffer to cast other dtypes into (a mixed-dtype `add_` is much slower
 than `copy_` then a same-dtype `add_`), and output buffers for the final cast.
 Finished chunks are handed out with a `release` callback, so a writer thread
 can write one while the next is computed. The engine never writes into a source.
@@ -55,9 +55,8 @@ def beside_a_writer_thread() -> Iterator[None]:
     """Sum with one torch thread fewer while a writer thread copies results into files.
 
     Alone, the sums run fastest on every core; beside them the writer's copies
-    into the page cache and the kernel's writeback, starved of CPU, fall behind.
-    On 2 cores whole runs took 8% less time and 28% less CPU with one compute
-    thread than with two.
+    into the page cache and the kernel's writeback, starved of CPU, fall behind,
+    and the whole run takes longer (measured in `benchmarks/`).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads - 1))
