@@ -192,7 +192,7 @@ class Engine:
         tensor = span.tensors[0]
         source = _flat(self.plan.last, span)
         out_dtype = dtypes.torch_dtype(tensor.dtype)
-        narrowing = self._may_overflow(tensor, out_dtype)
+        narrowing = self._may_overflow(self._stored_dtypes(span), out_dtype)
         for start in range(0, source.numel(), self._chunk):
             piece = source[start : start + self._chunk]
             self._on_read(piece.numel() * piece.element_size())
@@ -218,17 +218,20 @@ class Engine:
 
     def _dtypes_of(self, tensor: Span) -> _Dtypes:
         """How an averaged tensor is summed and written. Float64 tensors are summed in float64."""
-        stored = {ck.tensors[tensor.name].dtype for ck in self.plan.checkpoints}
+        stored = self._stored_dtypes(tensor)
         accum = dtypes.torch_dtype("F64" if "F64" in stored else self.plan.accum_dtype)
         out = dtypes.torch_dtype(tensor.dtype)
-        return _Dtypes(accum, out, self._may_overflow(tensor, out))
+        return _Dtypes(accum, out, self._may_overflow(stored, out))
 
-    def _may_overflow(self, tensor: Span, out_dtype: torch.dtype) -> bool:
-        """Whether casting the result to `out_dtype` can overflow. A weighted average with weights
-        >= 0 stays within its inputs' range, so only a narrower output dtype (or extrapolation) can."""
+    def _stored_dtypes(self, tensor: Span) -> set[str]:
+        return {ck.tensors[tensor.name].dtype for ck in self.plan.checkpoints}
+
+    def _may_overflow(self, stored: set[str], out_dtype: torch.dtype) -> bool:
+        """Whether casting a result stored as `stored` dtypes to `out_dtype` can overflow. A weighted
+        average with weights >= 0 stays within its inputs' range, so only a narrower output dtype
+        (or extrapolation) can."""
         if not out_dtype.is_floating_point:
             return False
-        stored = {ck.tensors[tensor.name].dtype for ck in self.plan.checkpoints}
         widest = max(_largest(dtypes.torch_dtype(name)) for name in stored)
         return self._extrapolates or _largest(out_dtype) < widest
 
@@ -362,11 +365,14 @@ def _flat(checkpoint, span: Span) -> torch.Tensor:
     return checkpoint.get_run(span.names)
 
 
+def _checkable(values: torch.Tensor) -> torch.Tensor:
+    """`values` in a dtype torch can sum and test: float8 has no `sum` or `isfinite`."""
+    return values.float() if values.is_floating_point() and values.element_size() == 1 else values
+
+
 def _nonfinite_at(values: torch.Tensor) -> int:
     """The first NaN or Inf of a flat tensor (one is known to be there)."""
-    if values.element_size() == 1:  # float8: no isfinite
-        values = values.float()
-    return int(torch.isfinite(values).logical_not().nonzero()[0])
+    return int(torch.isfinite(_checkable(values)).logical_not().nonzero()[0])
 
 
 def _largest(dtype: torch.dtype) -> float:
@@ -376,8 +382,7 @@ def _largest(dtype: torch.dtype) -> float:
 def _finite(values: torch.Tensor, total: float | None = None) -> bool:
     """No NaN or Inf. A NaN or Inf reaches the sum (`total`, if already known), so one reduction
     decides; the exact test runs only when the sum is not finite (it may also overflow)."""
-    if values.is_floating_point() and values.element_size() == 1:  # float8: no sum or isfinite
-        values = values.float()
+    values = _checkable(values)
     if total is None:
         total = values.sum().item()
     return math.isfinite(total) or bool(torch.isfinite(values).all())
