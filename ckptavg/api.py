@@ -187,9 +187,9 @@ def average_many(
     """
     read, output = read or ReadOptions(), output or OutputOptions()
     if output.output is None and not dry_run:
-        raise OptionsError("give an output with -o PATH (or check the inputs with --dry-run)")
+        raise OptionsError("give an output with `output=PATH` (or check the inputs with `dry_run=True`)")
     if bn is not None and len(schedules) > 1:
-        raise OptionsError("--bn-data works with one output at a time; give one --sigma-rel")
+        raise OptionsError("a BatchNorm pass (`bn`) works with one output at a time; give one `sigma_rel`")
     names = output_names(output.output, schedules)
     with open_checkpoints(
         inputs,
@@ -241,8 +241,8 @@ def output_names(output: str | os.PathLike | None, schedules: Sequence[Schedule]
         names = [output] * len(schedules)
     if len(set(names)) < len(names):
         raise OptionsError(
-            "several --sigma-rel/--gamma write several outputs: put {sigma_rel} (or {gamma}) "
-            "in -o, e.g. -o 'ema_{sigma_rel}.safetensors'"
+            "several `sigma_rel`/`gamma` write several outputs: put {sigma_rel} (or {gamma}) "
+            "in `output`, e.g. `output='ema_{sigma_rel}.safetensors'`"
         )
     return names
 
@@ -270,7 +270,7 @@ def bn_update(
 
     read, output = read or ReadOptions(), output or OutputOptions()
     if output.output is None and not dry_run:
-        raise OptionsError("give an output with -o PATH (or check with --dry-run)")
+        raise OptionsError("give an output with `output=PATH` (or check with `dry_run=True`)")
     with open_checkpoints(
         [checkpoint_spec], key=read.key, strip_prefix=read.strip_prefix, hub=hub, fetch=not dry_run
     ) as checkpoints:

@@ -78,14 +78,14 @@ class Ema:
 
     def __post_init__(self):
         if not (0.0 <= self.decay <= 1.0) or math.isnan(self.decay):
-            raise ScheduleError(f"--decay must be between 0 and 1, got {self.decay}")
+            raise ScheduleError(f"`decay` must be between 0 and 1, got {self.decay}")
         if self.bias_correction and self.decay == 1.0:
-            raise ScheduleError("--bias-correction needs a decay below 1")
+            raise ScheduleError("`bias_correction` needs a decay below 1")
 
     def weights(self, count: int, steps: Sequence[int | None] | None = None) -> list[float]:
         _require_checkpoints(count)
         # Per checkpoint is per step with checkpoint k saved at step k.
-        times = require_steps(steps, count, "--per-step") if self.per_step else list(range(1, count + 1))
+        times = require_steps(steps, count, "`per_step`") if self.per_step else list(range(1, count + 1))
         bounds = _step_bounds(times, start_at_zero=self.bias_correction)
         return _ema_over_intervals(self.decay, bounds, self.bias_correction)
 
@@ -105,9 +105,9 @@ class Ema:
         if weights[heaviest] <= 0.5:
             return []
         return [
-            f"--decay {self.decay} over {count} checkpoints leaves {weights[heaviest]:.1%} of the "
+            f"`decay={self.decay}` over {count} checkpoints leaves {weights[heaviest]:.1%} of the "
             f"weight on checkpoint {heaviest + 1}: the decay applies once per checkpoint, not per "
-            f"training step (for that, add --per-step); --decay {suggest_decay(count)} keeps every "
+            f"training step (for that, add `per_step`); `decay={suggest_decay(count)}` keeps every "
             "checkpoint at or below 50%"
         ]
 
@@ -129,7 +129,7 @@ class PowerEma:
 
     def __post_init__(self):
         if not self.gamma > -1 or math.isinf(self.gamma):
-            raise ScheduleError(f"--gamma must be above -1, got {self.gamma}")
+            raise ScheduleError(f"`gamma` must be above -1, got {self.gamma}")
 
     @property
     def sigma_rel(self) -> float:
@@ -137,7 +137,7 @@ class PowerEma:
 
     def weights(self, count: int, steps: Sequence[int | None] | None = None) -> list[float]:
         _require_checkpoints(count)
-        bounds = _step_bounds(require_steps(steps, count, "--sigma-rel/--gamma"), start_at_zero=True)
+        bounds = _step_bounds(require_steps(steps, count, "`sigma_rel`/`gamma`"), start_at_zero=True)
         last = bounds[-1]
         if last <= 0:
             raise ScheduleError("a power EMA needs checkpoints after step 0")
@@ -161,14 +161,14 @@ class Weighted:
 
     def __post_init__(self):
         if any(not math.isfinite(w) or w < 0 for w in self.given):
-            raise ScheduleError(f"--weights must be finite and >= 0, got {_fmt(self.given)}")
+            raise ScheduleError(f"`weights` must be finite and >= 0, got {_fmt(self.given)}")
         if not self.given or sum(self.given) <= 0:
-            raise ScheduleError(f"--weights must not all be zero, got {_fmt(self.given)}")
+            raise ScheduleError(f"`weights` must not all be zero, got {_fmt(self.given)}")
 
     def weights(self, count: int, steps: Sequence[int | None] | None = None) -> list[float]:
         if count != len(self.given):
             raise ScheduleError(
-                f"--weights has {len(self.given)} values for {count} checkpoints; give one per checkpoint"
+                f"`weights` has {len(self.given)} values for {count} checkpoints; give one per checkpoint"
             )
         largest = max(self.given)  # scaled first, so weights near the float maximum cannot overflow the sum
         total = math.fsum(w / largest for w in self.given)
@@ -202,10 +202,10 @@ def ema(
         bias_correction: zero-initialised EMA divided by `1 - decay^N`.
     """
     if (decay is None) == (half_life is None):
-        raise ScheduleError("give the EMA either --decay or --half-life")
+        raise ScheduleError("give the EMA either `decay` or `half_life`")
     if half_life is not None:
         if not half_life > 0:
-            raise ScheduleError(f"--half-life must be a positive number of steps, got {half_life}")
+            raise ScheduleError(f"`half_life` must be a positive number of steps, got {half_life}")
         decay, per_step = 0.5 ** (1.0 / half_life), True
     return Ema(float(decay), per_step=per_step, bias_correction=bias_correction)
 
@@ -213,7 +213,7 @@ def ema(
 def power_ema(*, sigma_rel: float | None = None, gamma: float | None = None) -> PowerEma:
     """Post-hoc power EMA with a relative width `sigma_rel` (or exponent `gamma`)."""
     if (sigma_rel is None) == (gamma is None):
-        raise ScheduleError("give the power EMA either --sigma-rel or --gamma")
+        raise ScheduleError("give the power EMA either `sigma_rel` or `gamma`")
     if sigma_rel is not None:
         return PowerEma(sigma_rel_to_gamma(sigma_rel), given_sigma_rel=float(sigma_rel))
     return PowerEma(float(gamma))
@@ -232,7 +232,7 @@ def gamma_to_sigma_rel(gamma: float) -> float:
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """The exponent whose profile has this relative width (sigma_rel falls as gamma grows from 0)."""
     if not 0 < sigma_rel <= MAX_SIGMA_REL:
-        raise ScheduleError(f"--sigma-rel must be between 0 and {MAX_SIGMA_REL:.3f}, got {sigma_rel}")
+        raise ScheduleError(f"`sigma_rel` must be between 0 and {MAX_SIGMA_REL:.3f}, got {sigma_rel}")
     low, high = 0.0, 1.0
     while gamma_to_sigma_rel(high) > sigma_rel:
         high *= 2
@@ -260,7 +260,7 @@ def require_steps(steps: Sequence[int | None] | None, count: int, option: str) -
         missing = count if steps is None else sum(s is None for s in steps)
         raise ScheduleError(
             f"{option} needs the training step of every checkpoint; {missing} unknown: "
-            "give them with --steps, or name the files like step_1000"
+            "give them with `steps`, or name the files like step_1000"
         )
     if any(b <= a for a, b in pairwise(steps)):
         raise ScheduleError(f"{option} needs increasing steps in averaging order, got {list(steps)}")

@@ -34,13 +34,13 @@ class TestEma:
 
     @pytest.mark.parametrize("decay", [-0.1, 1.5, float("nan")])
     def test_decay_outside_unit_interval_is_refused(self, decay):
-        with pytest.raises(ScheduleError, match="--decay must be between 0 and 1"):
+        with pytest.raises(ScheduleError, match="`decay` must be between 0 and 1"):
             schedules.ema(decay)
 
     def test_warns_when_one_checkpoint_dominates(self):
         (warning,) = schedules.ema(0.999).warnings(10)
         assert "99.1% of the weight on checkpoint 1" in warning
-        assert "--decay 0.92" in warning
+        assert "`decay=0.92`" in warning
 
     def test_no_warning_for_balanced_weights(self):
         assert schedules.ema(0.7).warnings(4) == []
@@ -61,5 +61,5 @@ class TestWeighted:
 
     @pytest.mark.parametrize("weights", [[0, 0], [1, -1], [float("inf"), 1]])
     def test_bad_weights_are_refused(self, weights):
-        with pytest.raises(ScheduleError, match="--weights"):
+        with pytest.raises(ScheduleError, match="`weights`"):
             schedules.weighted(weights)

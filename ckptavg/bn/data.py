@@ -118,18 +118,18 @@ def open_batches(options: DataOptions, model=None) -> Batches:
         ImportSpecError: a `package.module:callable` that does not resolve.
     """
     if options.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {options.batch_size}")
+        raise InputError(f"`batch_size` must be at least 1, got {options.batch_size}")
     path = Path(options.data)
     if not path.exists() and ":" in options.data:
         return _callable_batches(options)
     if not path.exists():
-        raise InputError(f"{path}: no such folder or file for --data")
+        raise InputError(f"{path}: no such folder or file for `data`")
     if path.is_dir():
         return _image_batches(path, options, model)
     if path.suffix in TENSOR_SUFFIXES:
         return _tensor_batches(path, options)
     raise InputError(
-        f"{path}: --data must be an image folder, a tensor file ({', '.join(TENSOR_SUFFIXES)}) "
+        f"{path}: `data` must be an image folder, a tensor file ({', '.join(TENSOR_SUFFIXES)}) "
         "or package.module:callable"
     )
 
@@ -256,7 +256,7 @@ def _image_batches(folder: Path, options: DataOptions, model) -> Batches:
     def make():
         for count, (batch, bad) in enumerate(loader):
             if bad and options.strict_data:
-                raise InputError(f"unreadable image: {bad[0]}; drop --strict-data to skip such files")
+                raise InputError(f"unreadable image: {bad[0]}; drop `strict_data` to skip such files")
             if options.max_batches is not None and count >= options.max_batches:
                 return
             yield batch, bad
@@ -301,7 +301,7 @@ def _load_inputs(path: Path, key: str | None):
         names = list(checkpoint.tensors)
         if key is None and len(names) != 1:
             raise InputError(
-                f"{path}: holds {len(names)} tensors ({', '.join(names[:5])}); choose one with --data-key"
+                f"{path}: holds {len(names)} tensors ({', '.join(names[:5])}); choose one with `data_key`"
             )
         name = key or names[0]
         if name not in checkpoint.tensors:
@@ -310,13 +310,13 @@ def _load_inputs(path: Path, key: str | None):
 
 
 def _callable_batches(options: DataOptions) -> Batches:
-    source = resolve_callable(options.data, "--data")
+    source = resolve_callable(options.data, "data")
 
     def make():
         try:
             batches = source()
         except Exception as e:
-            raise InputError(f"--data {options.data}: calling it failed: {type(e).__name__}: {e}") from e
+            raise InputError(f"`data={options.data}`: calling it failed: {type(e).__name__}: {e}") from e
         for batch in _bounded(batches, options):
             yield (batch[0] if isinstance(batch, (list, tuple)) else batch), []
 

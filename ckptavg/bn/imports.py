@@ -30,19 +30,21 @@ def resolve_callable(spec: str, option: str) -> Callable:
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise ImportSpecError(
-            f"{option} {spec}: write it as package.module:callable, e.g. torchvision.models:resnet50"
+            f"`{option}={spec}`: write it as package.module:callable, e.g. torchvision.models:resnet50"
         )
     module_name = _SHORTHANDS.get(module_name, module_name)
     try:
         target = _import_here(module_name)
     except ImportError as e:
-        raise ImportSpecError(f"{option} {spec}: cannot import {module_name} ({e}); is it installed?") from e
+        raise ImportSpecError(
+            f"`{option}={spec}`: cannot import {module_name} ({e}); is it installed?"
+        ) from e
     for part in attribute.split("."):
         if not hasattr(target, part):
-            raise ImportSpecError(f"{option} {spec}: {module_name} has no '{attribute}'")
+            raise ImportSpecError(f"`{option}={spec}`: {module_name} has no '{attribute}'")
         target = getattr(target, part)
     if not callable(target):
-        raise ImportSpecError(f"{option} {spec}: '{attribute}' is not callable")
+        raise ImportSpecError(f"`{option}={spec}`: '{attribute}' is not callable")
     return target
 
 
@@ -64,16 +66,16 @@ def build_model(spec: str, kwargs: dict):
     else is called with `kwargs`.
     """
     if spec.startswith("timm:"):
-        create = resolve_callable("timm:create_model", "--model")
+        create = resolve_callable("timm:create_model", "model")
         factory = lambda **kw: create(spec.split(":", 1)[1], pretrained=False, **kw)  # noqa: E731
     else:
-        factory = resolve_callable(spec, "--model")
+        factory = resolve_callable(spec, "model")
     try:
         model = factory(**kwargs)
     except Exception as e:
-        raise ImportSpecError(f"--model {spec}: building it failed: {type(e).__name__}: {e}") from e
+        raise ImportSpecError(f"`model={spec}`: building it failed: {type(e).__name__}: {e}") from e
     import torch
 
     if not isinstance(model, torch.nn.Module):
-        raise ImportSpecError(f"--model {spec}: returned a {type(model).__name__}, not a torch.nn.Module")
+        raise ImportSpecError(f"`model={spec}`: returned a {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -96,7 +96,7 @@ def recompute_statistics(checkpoint: Checkpoint, bn: BatchNormPass, *, progress:
     statistics = _statistics_names(model)
     if not statistics:
         raise NoBatchNormError(
-            f"--model {bn.model} has no BatchNorm layer: there are no statistics to "
+            f"`model={bn.model}` has no BatchNorm layer: there are no statistics to "
             "recompute, and nothing was written"
         )
     _load_weights(model, checkpoint, bn.model)
@@ -112,7 +112,7 @@ def recompute_statistics(checkpoint: Checkpoint, bn: BatchNormPass, *, progress:
             update_bn(feed, _calling_with_batch(model))
     if batches.samples == 0:
         raise InputError(
-            f"--data {bn.data.data}: no input reached the model"
+            f"`data={bn.data.data}`: no input reached the model"
             + (f" ({len(batches.skipped)} unreadable images skipped)" if batches.skipped else "")
         )
     state = model.state_dict()
@@ -220,7 +220,7 @@ def check_pass(checkpoint: Checkpoint, bn: BatchNormPass) -> list[str]:
     statistics = _statistics_names(model)
     if not statistics:
         raise NoBatchNormError(
-            f"--model {bn.model} has no BatchNorm layer: there are no statistics to recompute"
+            f"`model={bn.model}` has no BatchNorm layer: there are no statistics to recompute"
         )
     _check_fit(model, checkpoint, bn.model)
     batches = open_batches(bn.data, model)
@@ -251,14 +251,14 @@ def _check_fit(model, checkpoint: Checkpoint, spec: str) -> None:
             parts.append(f"{len(unexpected)} unexpected ({name_list(unexpected)})")
         hint = _prefix_hint(missing, unexpected)
         raise MismatchError(
-            f"{checkpoint.label}: its tensors do not fit --model {spec}: {'; '.join(parts)}{hint}"
+            f"{checkpoint.label}: its tensors do not fit `model={spec}`: {'; '.join(parts)}{hint}"
         )
     for name, tensor in expected.items():
         shape = checkpoint.tensors[name].shape
         if tuple(tensor.shape) != shape:
             raise MismatchError(
-                f"{checkpoint.label}: tensor '{name}' has shape {tuple(shape)} but --model {spec} "
-                f"expects {tuple(tensor.shape)}; check --model-kwargs"
+                f"{checkpoint.label}: tensor '{name}' has shape {tuple(shape)} but `model={spec}` "
+                f"expects {tuple(tensor.shape)}; check `model_kwargs`"
             )
 
 
@@ -266,8 +266,8 @@ def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
     for name in unexpected:
         head, _, rest = name.partition(".")
         if rest in missing:
-            return f"; the checkpoint's names start with '{head}.': try --strip-prefix {head}."
-    return "; check --model and --model-kwargs, or --strip-prefix"
+            return f"; the checkpoint's names start with '{head}.': try `strip_prefix={head}.`"
+    return "; check `model` and `model_kwargs`, or `strip_prefix`"
 
 
 def _feed(batches: Batches, device, channels_last: bool, bar) -> Iterator:

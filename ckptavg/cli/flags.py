@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 
 import click
@@ -23,16 +24,43 @@ EXIT_TERMINATED = 143
 
 
 def say(*lines: str, err: bool = False) -> None:
-    """Print lines with whatever a name could smuggle in (newlines, escape sequences) escaped."""
-    click.echo("\n".join(printable(line) for line in lines), err=err)
+    """Print lines with whatever a name could smuggle in (newlines, escape sequences) escaped,
+    and the library's mentions of its parameters in this command's flags."""
+    click.echo("\n".join(printable(in_flags(line)) for line in lines), err=err)
+
+
+# How the library names a parameter in its messages: `decay`, or with a value, `decay=0.9`.
+_MENTION = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")
+# Parameters of the library with no field of their own on the command line.
+_SPELLED = {"bn": "--bn-data"}
+
+
+def in_flags(text: str) -> str:
+    """`decay=0.9` -> `--decay 0.9`, `output=PATH` -> `-o PATH`, `dry_run=True` -> `--dry-run`:
+    the library's words for its parameters, as the running command spells them."""
+    ctx = click.get_current_context(silent=True)
+    spelled = dict(_SPELLED)
+    for param in ctx.command.params if ctx is not None else ():
+        if isinstance(param, click.Option):
+            short = [o for o in param.opts if not o.startswith("--")]
+            spelled[getattr(param, "field", None) or param.name] = (short or param.opts)[0]
+
+    def flag(match: re.Match) -> str:
+        name, value = match.groups()
+        if name not in spelled:
+            return match.group(0)
+        return spelled[name] if value in (None, "True") else f"{spelled[name]} {value}"
+
+    return _MENTION.sub(flag, text)
 
 
 class GroupedOption(click.Option):
-    """An option that knows the heading `--help` lists it under."""
+    """An option that knows the heading `--help` lists it under, and the library parameter it sets."""
 
-    def __init__(self, *args, group: str = "Run", **kwargs):
+    def __init__(self, *args, group: str = "Run", field: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.group = group
+        self.field = field
 
 
 class GroupedCommand(click.Command):
@@ -88,7 +116,12 @@ def flags(cls, *, only=None, rename=None, required=(), help=None):
         name = rename.get(item.name, item.name)
         flag = item.flag
         names = [*([flag.short] if flag.short else []), "--" + name.replace("_", "-"), name]
-        kwargs: dict = {"help": help.get(item.name, flag.help), "group": flag.group, "metavar": flag.metavar}
+        kwargs: dict = {
+            "help": help.get(item.name, flag.help),
+            "group": flag.group,
+            "metavar": flag.metavar,
+            "field": item.name,
+        }
         if item.is_flag:
             kwargs.update(is_flag=True, default=item.default)
         elif flag.repeatable:
@@ -164,7 +197,7 @@ def reports_errors(command):
         except click.ClickException:
             raise  # usage errors: click prints them with the command's usage line
         except OptionsError as e:
-            raise click.UsageError(str(e)) from e
+            raise click.UsageError(in_flags(str(e))) from e
         except CkptavgError as e:
             if debug:
                 raise

@@ -233,7 +233,7 @@ def find_state_dict(content: object, path: Path, key: str | None = None) -> tupl
         for part in key.split("."):
             if not isinstance(chosen, Mapping) or part not in chosen:
                 keys = ", ".join(repr(k) for k in list(content)[:8])
-                raise InputError(f"{path}: has no '{key}' (top-level keys: {keys}); choose one with --key")
+                raise InputError(f"{path}: has no '{key}' (top-level keys: {keys}); choose one with `key`")
             chosen = chosen[part]
     elif any(isinstance(v, torch.Tensor) for v in content.values()) and not any(
         isinstance(content.get(k), Mapping) for k in STATE_DICT_KEYS
@@ -243,13 +243,13 @@ def find_state_dict(content: object, path: Path, key: str | None = None) -> tupl
         key = next((k for k in STATE_DICT_KEYS if isinstance(content.get(k), Mapping)), None)
         if key is None:
             keys = ", ".join(repr(k) for k in list(content)[:8])
-            raise InputError(f"{path}: no weights found (top-level keys: {keys}); choose a key with --key")
+            raise InputError(f"{path}: no weights found (top-level keys: {keys}); choose a key with `key`")
         chosen = content[key]
     if not isinstance(chosen, Mapping):
         raise InputError(f"{path}: '{key}' holds a {type(chosen).__name__}, not a dict of weights")
     tensors = {str(name): value for name, value in chosen.items() if isinstance(value, torch.Tensor)}
     if not tensors:
-        raise InputError(f"{path}: '{key or 'the top level'}' holds no tensors; choose a key with --key")
+        raise InputError(f"{path}: '{key or 'the top level'}' holds no tensors; choose a key with `key`")
     return tensors, key, len(chosen) - len(tensors)
 
 

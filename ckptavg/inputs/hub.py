@@ -164,7 +164,7 @@ def _files_at(api, repo_id: str, revision, spec: str, options: HubOptions) -> di
         if not snapshot.is_dir():
             raise InputError(
                 f"{HUB_PREFIX}{repo_id}@{revision}: not in the cache {options.cache} (offline); "
-                "run once without --offline to fetch it"
+                "run once without `offline` to fetch it"
             ) from None
         files = {
             p.relative_to(snapshot).as_posix(): p.stat().st_size for p in snapshot.rglob("*") if p.is_file()
@@ -293,7 +293,7 @@ def _check_free_space(checkpoints: Sequence[_Checkpoint], options: HubOptions) -
     if needed > free:
         raise InputError(
             f"the Hub inputs need {format_bytes(needed)} in the cache {options.cache} but only "
-            f"{format_bytes(free)} is free there; free some space or choose another cache with --cache-dir"
+            f"{format_bytes(free)} is free there; free some space or choose another cache with `cache_dir`"
         )
 
 
@@ -364,7 +364,7 @@ def _require_cached(checkpoint: _Checkpoint, options: HubOptions) -> None:
         if not _cached(checkpoint, path, options):
             raise InputError(
                 f"{HUB_PREFIX}{checkpoint.repo_id}@{checkpoint.revision}: {path} is not in the cache "
-                f"{options.cache} (offline); run once without --offline to fetch it"
+                f"{options.cache} (offline); run once without `offline` to fetch it"
             )
 
 

@@ -45,19 +45,19 @@ def hub_errors(spec: str, options: HubOptions, checkpoint=None) -> Iterator[None
     except errors.GatedRepoError as e:
         raise InputError(
             f"{spec}: {repo} is gated; request access on its page on the Hub, then pass "
-            "--token or set HF_TOKEN"
+            "`token` or set HF_TOKEN"
         ) from e
     except errors.RepositoryNotFoundError as e:
         raise InputError(
             f"{spec}: repository {repo} not found on {options.endpoint} (if it is private, "
-            "pass --token or set HF_TOKEN)"
+            "pass `token` or set HF_TOKEN)"
         ) from e
     except errors.RevisionNotFoundError as e:
         raise InputError(f"{spec}: {repo} has no revision '{hub.revision if hub else '?'}'") from e
     except (errors.LocalEntryNotFoundError, errors.RevisionResolutionError, errors.OfflineModeIsEnabled) as e:
         if options.is_offline:
             raise InputError(
-                f"{spec}: not in the cache {options.cache} (offline); run once without --offline to fetch it"
+                f"{spec}: not in the cache {options.cache} (offline); run once without `offline` to fetch it"
             ) from e
         raise InputError(
             f"{spec}: cannot reach the Hub at {options.endpoint} and it is not in the cache; "
@@ -71,7 +71,7 @@ def hub_errors(spec: str, options: HubOptions, checkpoint=None) -> Iterator[None
             raise
         raise InputError(
             f"{spec}: cannot read it from the Hub at {options.endpoint} ({first_line(e)}); "
-            "check the connection, or pass --offline to use the cache"
+            "check the connection, or pass `offline` to use the cache"
         ) from e
 
 

@@ -76,7 +76,7 @@ def select(
     kept = list(range(len(labels)))
     notes = []
     if selection.from_step is not None or selection.to_step is not None:
-        _need_steps(steps, kept, labels, "--from-step/--to-step")
+        _need_steps(steps, kept, labels, "`from_step`/`to_step`")
         low = selection.from_step if selection.from_step is not None else -1
         high = selection.to_step if selection.to_step is not None else float("inf")
         kept = [i for i in kept if low <= steps[i] <= high]
@@ -84,11 +84,11 @@ def select(
             f"steps {selection.from_step or 0} to {selection.to_step or 'the last'}: {len(kept)} kept"
         )
     if selection.every is not None:
-        _positive(selection.every, "--every")
+        _positive(selection.every, "`every`")
         kept = kept[::-1][:: selection.every][::-1]  # counted back from the latest, which always stays
         notes.append(f"every {selection.every}th checkpoint, counted back from the latest: {len(kept)} kept")
     if selection.last is not None:
-        _positive(selection.last, "--last")
+        _positive(selection.last, "`last`")
         if all(steps[i] is not None for i in kept):
             kept = sorted(sorted(kept, key=lambda i: steps[i])[-selection.last :])
             notes.append(f"the last {selection.last} by step (LAWA)")
@@ -96,11 +96,11 @@ def select(
             kept = kept[-selection.last :]
             notes.append(f"the last {selection.last} in averaging order (steps unknown)")
     if selection.best is not None:
-        _positive(selection.best, "--best")
+        _positive(selection.best, "`best`")
         metric, values = _metric_values(labels, steps, scalars, kept, selection)
         diverged = [i for i in kept if math.isnan(values[i])]  # NaN is never best
         if len(diverged) == len(kept):
-            raise ScheduleError(f"--best: every checkpoint's {metric} is NaN; there is nothing to rank")
+            raise ScheduleError(f"`best`: every checkpoint's {metric} is NaN; there is nothing to rank")
         ranked = [i for i in kept if i not in diverged]
         best_first = sorted(ranked, key=lambda i: values[i], reverse=selection.mode == "max")
         kept = sorted(best_first[: selection.best])
@@ -111,7 +111,7 @@ def select(
                 f"left out {len(diverged)} whose {metric} is NaN: " + ", ".join(labels[i] for i in diverged)
             )
     if not kept:
-        raise ScheduleError("the selection keeps no checkpoint; loosen --from-step/--to-step")
+        raise ScheduleError("the selection keeps no checkpoint; loosen `from_step`/`to_step`")
     return kept, notes
 
 
@@ -123,7 +123,7 @@ def _metric_values(labels, steps, scalars, kept, selection: Selection) -> tuple[
         metric = next((key for key in METRIC_KEYS if key in names), None)
         if metric is None:
             raise ScheduleError(
-                "--best needs a --metric; none of the usual names "
+                "`best` needs a `metric`; none of the usual names "
                 f"({', '.join(METRIC_KEYS)}) is stored with every checkpoint"
             )
     values = {}
@@ -132,7 +132,7 @@ def _metric_values(labels, steps, scalars, kept, selection: Selection) -> tuple[
         if value is None:
             where = "in " + str(selection.metrics) if sidecar else "with it"
             raise ScheduleError(
-                f"{labels[i]}: no '{metric}' stored {where}; --best needs it for every checkpoint"
+                f"{labels[i]}: no '{metric}' stored {where}; `best` needs it for every checkpoint"
             )
         values[i] = value
     return metric, values
@@ -202,7 +202,7 @@ def _need_steps(steps, kept, labels, option: str) -> None:
         raise ScheduleError(
             f"{option} needs the step of every checkpoint; unknown for {unknown[0]}"
             + (f" and {len(unknown) - 1} more" if len(unknown) > 1 else "")
-            + "; give --steps"
+            + "; give `steps`"
         )
 
 

@@ -48,8 +48,8 @@ def resolve_steps(
             from ..errors import ScheduleError
 
             raise ScheduleError(
-                f"--steps has {len(given)} values for {len(labels)} checkpoints; give one each"
+                f"`steps` has {len(given)} values for {len(labels)} checkpoints; give one each"
             )
-        return list(given), ["--steps"] * len(labels)
+        return list(given), ["`steps`"] * len(labels)
     found = [infer_step(label, values) for label, values in zip(labels, scalars, strict=True)]
     return [step for step, _ in found], [source for _, source in found]

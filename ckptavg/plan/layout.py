@@ -30,7 +30,7 @@ _SHARD_PATTERN = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 def kept_files(folder: Path, replaced: set[str]) -> list[str]:
     """The files of an old ckptavg folder output that ckptavg did not write, and the new one does not
-    replace: what a user added (evaluation results, notes). Kept by `--force`."""
+    replace: what a user added (evaluation results, notes). Kept by `force`."""
     if not folder.is_dir():
         return []
     ours = _files_written_by_ckptavg(folder)
@@ -69,12 +69,12 @@ def check_target(target: Path, *, folder: bool, force: bool) -> None:
                 f"{target}: holds files that ckptavg did not write; write to a new or empty folder"
             )
         if not force:
-            raise OutputError(f"{target}: already holds a checkpoint; pass --force to replace it")
+            raise OutputError(f"{target}: already holds a checkpoint; pass `force` to replace it")
         return
     if target.is_dir():
         raise OutputError(f"{target}: is a folder; for a folder output end the path with '/'")
     if not force:
-        raise OutputError(f"{target}: already exists; pass --force to replace it")
+        raise OutputError(f"{target}: already exists; pass `force` to replace it")
 
 
 def _written_by_ckptavg(folder: Path) -> bool:
@@ -134,7 +134,7 @@ def lay_out(
     torch_output = not folder and target.suffix in TORCH_OUTPUT_SUFFIXES
     if not folder and max_shard_size is not None:
         raise OutputError(
-            f"{target}: --max-shard-size writes shards into a folder; give -o {target.with_suffix('')}/"
+            f"{target}: `max_shard_size` writes shards into a folder; give `output={target.with_suffix('')}/`"
         )
     if not folder and not torch_output and target.suffix != ".safetensors":
         raise OutputError(
@@ -143,7 +143,7 @@ def lay_out(
         )
     if wrap_key is not None and not torch_output:
         raise OutputError(
-            f"{target}: --wrap-key applies to torch outputs ({', '.join(TORCH_OUTPUT_SUFFIXES)})"
+            f"{target}: `wrap_key` applies to torch outputs ({', '.join(TORCH_OUTPUT_SUFFIXES)})"
         )
     _refuse_input_as_output(checkpoints, target, folder)
     check_target(target, folder=folder, force=force)

@@ -236,7 +236,7 @@ def build_plan(
     """
     checkpoints = list(checkpoints)
     if nonfinite not in NONFINITE_POLICIES:
-        raise OutputError(f"--nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {nonfinite}")
+        raise OutputError(f"`nonfinite` must be one of {', '.join(NONFINITE_POLICIES)}, got {nonfinite}")
     found, sources = resolve_steps(
         [ck.label for ck in checkpoints], [ck.scalars for ck in checkpoints], steps
     )
@@ -249,10 +249,10 @@ def build_plan(
         found, sources = [found[i] for i in kept], [sources[i] for i in kept]
     weights = schedule.weights(len(checkpoints), found)
     _check_same_model(checkpoints)
-    accum = _dtype_name(accum_dtype, "--accum-dtype")
+    accum = _dtype_name(accum_dtype, "`accum_dtype`")
     if accum not in ("F32", "F64"):
-        raise OutputError(f"--accum-dtype must be float32 or float64, got {accum_dtype}")
-    tensors = _output_tensors(checkpoints, _dtype_name(dtype, "--dtype") if dtype else None)
+        raise OutputError(f"`accum_dtype` must be float32 or float64, got {accum_dtype}")
+    tensors = _output_tensors(checkpoints, _dtype_name(dtype, "`dtype`") if dtype else None)
     warnings = [*schedule.warnings(len(checkpoints)), *duplicate_warnings(checkpoints)]
     if len(checkpoints) == 1:
         warnings.append(f"only one checkpoint ({checkpoints[0].label}): the output is a copy of it")
@@ -263,7 +263,7 @@ def build_plan(
         )
         warnings.extend(layout.warnings)
     elif wrap_key is not None:
-        raise OutputError("--wrap-key needs a torch output (-o out.pt)")
+        raise OutputError("`wrap_key` needs a torch output (`output=out.pt`)")
     return Plan(
         checkpoints,
         schedule,

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 _STEP_SOURCE_KINDS = {
     "name": "file names",
     "stored": "values stored in the checkpoints",
-    "--steps": "--steps",
+    "`steps`": "`steps`",
 }
 
 
@@ -74,7 +74,7 @@ def _weights(plan: Plan) -> list[str]:
 def _steps(plan: Plan) -> str:
     known = [source for source in plan.step_sources if source != "unknown"]
     if not known:
-        return "steps:      unknown (name files like step_1000, or give --steps) — the column shows ?"
+        return "steps:      unknown (name files like step_1000, or give `steps`) — the column shows ?"
     kinds = sorted({_STEP_SOURCE_KINDS.get(source.split(" ")[0], source) for source in known})
     unknown = len(plan.step_sources) - len(known)
     return f"steps:      from {' and '.join(kinds)}" + (f"; {unknown} unknown" if unknown else "")

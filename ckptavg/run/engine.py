@@ -42,11 +42,11 @@ def resolve_device(device: str) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError as e:
-        raise CkptavgError(f"--device {device}: not a device name; use auto, cpu, cuda or cuda:N") from e
+        raise CkptavgError(f"`device={device}`: not a device name; use auto, cpu, cuda or cuda:N") from e
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise CkptavgError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        raise CkptavgError(f"`device={device}`: no CUDA device is available here; use `device=cpu`")
     if resolved.type not in ("cpu", "cuda"):
-        raise CkptavgError(f"--device {device}: only cpu and cuda are supported")
+        raise CkptavgError(f"`device={device}`: only cpu and cuda are supported")
     return resolved
 
 
@@ -304,15 +304,15 @@ class Engine:
         if index is None:
             raise CkptavgError(
                 f"tensor '{tensor.name}': its average overflows {self.plan.accum_dtype}; "
-                "try --accum-dtype float64"
+                "try `accum_dtype=float64`"
             )
         checkpoint = self.plan.checkpoints[index]
         reason = f"tensor '{tensor.name}' holds NaN or Inf values"
         if self.plan.nonfinite == "warn":
-            self._warn(f"{checkpoint.label}: {reason}; they reach the output (--nonfinite warn)")
+            self._warn(f"{checkpoint.label}: {reason}; they reach the output (`nonfinite=warn`)")
             return
         raise NonFiniteError(
-            f"{checkpoint.label}: {reason}; leave that checkpoint out, or pass --nonfinite skip-checkpoint "
+            f"{checkpoint.label}: {reason}; leave that checkpoint out, or pass `nonfinite=skip-checkpoint` "
             "(or warn)",
             index,
             reason,
@@ -330,9 +330,9 @@ class Engine:
             f"{_largest(dtype):g}) and would be written as Inf or NaN"
         )
         if self.plan.nonfinite == "warn":
-            self._warn(f"{reason} (--nonfinite warn)")
+            self._warn(f"{reason} (`nonfinite=warn`)")
             return
-        raise CkptavgError(f"{reason}; write a wider --dtype (float32 or bfloat16)")
+        raise CkptavgError(f"{reason}; write a wider `dtype` (float32 or bfloat16)")
 
     def _to_accum(self, piece: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
         """The piece in the accumulator's dtype and device, through the scratch buffer if it must change."""

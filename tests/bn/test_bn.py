@@ -118,7 +118,7 @@ class TestAgainstUpdateBn:
         folder = tmp_path / "flat"
         write_images(folder, 3)
         (folder / "img_01.png").write_bytes(b"not a png")
-        with pytest.raises(InputError, match=r"unreadable image: .*img_01\.png .*drop --strict-data"):
+        with pytest.raises(InputError, match=r"unreadable image: .*img_01\.png .*drop `strict_data`"):
             run_bn(weights, folder, tmp_path / "out.safetensors", strict_data=True)
         assert not (tmp_path / "out.safetensors").exists()
 
@@ -217,7 +217,7 @@ class TestBadInput:
 
     def test_weights_that_do_not_fit_suggest_strip_prefix(self, tmp_path, image_folder):
         save_file({f"module.{k}": v for k, v in resnet().state_dict().items()}, tmp_path / "ddp.safetensors")
-        with pytest.raises(MismatchError, match=r"122 missing .* try --strip-prefix module\."):
+        with pytest.raises(MismatchError, match=r"122 missing .* try `strip_prefix=module\.`"):
             run_bn(tmp_path / "ddp.safetensors", image_folder, tmp_path / "out.safetensors")
 
     def test_wrong_model_kwargs(self, tmp_path, weights, image_folder):

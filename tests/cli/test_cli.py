@@ -107,6 +107,45 @@ class TestErrors:
         assert "error: --decay must be between 0 and 1, got 2.0" in result.output
 
 
+class TestMessagesSpeakFlags:
+    """The library names its Python parameters (`decay=0.9`); each command says its own flags."""
+
+    def test_python_names_in_the_library(self, tmp_path, series):
+        import ckptavg
+
+        needs = r"^`wrap_key` needs a torch output \(`output=out.pt`\)"
+        with pytest.raises(ckptavg.CkptavgError, match=needs):
+            ckptavg.build_plan([ckptavg.open_checkpoint(p) for p in series], ckptavg.swa(), wrap_key="m")
+
+    def test_flags_with_values(self, tmp_path, series):
+        result = run("ema", "--decay", "0.999", *series, "--dry-run")
+        assert "--decay 0.999 over 5 checkpoints" in result.output
+        assert "`" not in result.output
+
+    def test_short_flag_and_renamed_flag(self, tmp_path, series):
+        result = run("swa", *series)
+        assert "give an output with -o PATH (or check the inputs with --dry-run)" in result.output
+        result = run(
+            "ema", "--sigma-rel", "0.1", "--sigma-rel", "0.2", "--steps", "1,2,3", *series,
+            "--bn-data", tmp_path, "--model", "torch.nn:Identity", "-o", tmp_path / "o.safetensors",
+        )  # fmt: skip
+        assert "a BatchNorm pass (--bn-data) works with one output at a time; give one --sigma-rel" in (
+            result.output
+        )
+
+    def test_the_same_parameter_under_another_flag(self, tmp_path):
+        state = torch.nn.BatchNorm1d(4).state_dict()
+        series = [tmp_path / f"bn_{i}.safetensors" for i in range(2)]
+        for path in series:
+            save_file(state, path)
+        missing = tmp_path / "nothing"
+        model = ["--model", "torch.nn:BatchNorm1d", "--model-kwargs", '{"num_features": 4}']
+        result = run("swa", *series, "--bn-data", missing, *model, "-o", tmp_path / "o.safetensors")
+        assert f"{missing}: no such folder or file for --bn-data" in result.output
+        result = run("bn-update", series[0], "--data", missing, *model, "-o", tmp_path / "o.pt")
+        assert f"{missing}: no such folder or file for --data" in result.output
+
+
 class TestInspect:
     def test_shows_tensors_totals_and_provenance(self, tmp_path, series):
         run("ema", "--decay", "0.5", *series, "-o", tmp_path / "ema.safetensors")

@@ -167,7 +167,7 @@ class TestTorchInputs:
 
     def test_no_weights_found(self, tmp_path):
         torch.save({"epoch": 1, "step": 2}, tmp_path / "a.pt")
-        with pytest.raises(InputError, match=r"no weights found .* choose a key with --key"):
+        with pytest.raises(InputError, match=r"no weights found .* choose a key with `key`"):
             ckptavg.open_checkpoint(tmp_path / "a.pt")
 
     def test_stripping_into_duplicate_names_is_refused(self, tmp_path):
@@ -266,7 +266,7 @@ class TestTorchOutput:
         assert_same_tensors(torch.load(tmp_path / "o.bin", weights_only=True), state)
 
     def test_wrap_key_needs_a_torch_output(self, tmp_path, series):
-        with pytest.raises(OutputError, match="--wrap-key applies to torch outputs"):
+        with pytest.raises(OutputError, match="`wrap_key` applies to torch outputs"):
             ckptavg.average(series, ckptavg.swa(), out=tmp_path / "o.safetensors", wrap_key="model")
 
     def test_unknown_suffix(self, tmp_path, series):

@@ -102,7 +102,7 @@ class TestStepAwareEma:
         paths = save_series(tmp_path / "ckpts", states[:2], name="ckpt_{}")
         (tmp_path / "ckpts" / "ckpt_1.safetensors").rename(tmp_path / "ckpts" / "first.safetensors")
         with pytest.raises(
-            ScheduleError, match="--per-step needs the training step of every checkpoint; 1 unknown"
+            ScheduleError, match="`per_step` needs the training step of every checkpoint; 1 unknown"
         ):
             ckptavg.average(
                 [tmp_path / "ckpts" / "first.safetensors", paths[1]],
@@ -142,7 +142,7 @@ class TestPowerEma:
         assert schedules.implied_sigma_rel(weights, steps) == pytest.approx(sigma_rel, rel=1e-2)
 
     def test_sigma_rel_out_of_range(self):
-        with pytest.raises(ScheduleError, match=r"--sigma-rel must be between 0 and 0\.289"):
+        with pytest.raises(ScheduleError, match=r"`sigma_rel` must be between 0 and 0\.289"):
             schedules.power_ema(sigma_rel=0.3)
 
     def test_several_outputs_from_one_read(self, tmp_path, monkeypatch):
@@ -259,7 +259,7 @@ class TestSelection:
 
     def test_best_without_a_metric_anywhere(self, tmp_path, states):
         paths = save_series(tmp_path / "run", states[:2], name="step_{}")
-        with pytest.raises(ScheduleError, match="--best needs a --metric"):
+        with pytest.raises(ScheduleError, match="`best` needs a `metric`"):
             ckptavg.build_plan(
                 [ckptavg.open_checkpoint(p) for p in paths],
                 ckptavg.swa(),

@@ -279,7 +279,7 @@ class TestFailures:
     def test_existing_output_needs_force(self, tmp_path, series):
         out = tmp_path / "o.safetensors"
         out.write_bytes(b"keep me")
-        with pytest.raises(OutputError, match="already exists; pass --force"):
+        with pytest.raises(OutputError, match="already exists; pass `force`"):
             ckptavg.average(series, ckptavg.swa(), out=out)
         assert out.read_bytes() == b"keep me"
         ckptavg.average(series, ckptavg.swa(), out=out, force=True)
@@ -341,12 +341,12 @@ class TestDevice:
     def test_cuda_without_a_gpu_is_a_clear_error(self, tmp_path, series):
         if torch.cuda.is_available():
             pytest.skip("a CUDA device is available here")
-        with pytest.raises(ckptavg.CkptavgError, match="no CUDA device is available here; use --device cpu"):
+        with pytest.raises(ckptavg.CkptavgError, match="no CUDA device is available here; use `device=cpu`"):
             ckptavg.average(series, ckptavg.swa(), out=tmp_path / "o.safetensors", device="cuda")
         assert not (tmp_path / "o.safetensors").exists()
 
     def test_unknown_device(self, tmp_path, series):
-        with pytest.raises(ckptavg.CkptavgError, match="--device tpu7: not a device name"):
+        with pytest.raises(ckptavg.CkptavgError, match="`device=tpu7`: not a device name"):
             ckptavg.average(series, ckptavg.swa(), out=tmp_path / "o.safetensors", device="tpu7")
 
 

@@ -243,7 +243,7 @@ class TestOutputTransaction:
     def test_existing_output_needs_force(self, tmp_path):
         target = tmp_path / "out.safetensors"
         target.write_bytes(b"precious")
-        with pytest.raises(OutputError, match="already exists; pass --force"):
+        with pytest.raises(OutputError, match="already exists; pass `force`"):
             OutputTransaction(target, folder=False)
 
     def test_positioned_writes_in_any_order(self, tmp_path):
