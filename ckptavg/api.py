@@ -200,19 +200,7 @@ def average_many(
         fetch=not dry_run,
     ) as checkpoints:
         plans = [
-            build_plan(
-                checkpoints,
-                schedule,
-                output=name,
-                dtype=output.dtype,
-                accum_dtype=output.accum_dtype,
-                max_shard_size=output.max_shard_size,
-                force=output.force,
-                wrap_key=output.wrap_key,
-                nonfinite=output.nonfinite,
-                steps=output.steps,
-                selection=selection,
-            )
+            build_plan(checkpoints, schedule, output, selection=selection, output=name)
             for schedule, name in zip(schedules, names, strict=True)
         ]
         if on_plans is not None:

@@ -11,7 +11,6 @@ checkpoint out makes a new one (`without`). `describe()` is the dry-run report.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from ..inputs.duplicates import duplicate_warnings
 from ..inputs.selection import Selection, select
 from ..inputs.steps import resolve_steps
 from ..memory import BUFFERS_IN_FLIGHT, CHUNK_ELEMENTS, STAGING_BUFFERS, STAGING_BYTES
+from ..options import OutputOptions
 from ..schedules import Schedule
 from .layout import COPIED_KEY, VERSION_KEY, Layout, lay_out
 from .report import describe
@@ -200,45 +200,35 @@ class Plan:
 def build_plan(
     checkpoints: Sequence[Checkpoint],
     schedule: Schedule,
+    options: OutputOptions | None = None,
     *,
-    output: str | os.PathLike | None = None,
-    dtype: str | None = None,
-    accum_dtype: str = "float32",
-    max_shard_size: int | str | None = None,
-    force: bool = False,
-    wrap_key: str | None = None,
-    nonfinite: str = "error",
-    steps: Sequence[int] | None = None,
     selection: Selection | None = None,
+    **settings,
 ) -> Plan:
     """Validate the inputs and decide everything a run will do, reading headers only.
 
     Args:
         checkpoints: opened inputs, in averaging order (oldest first).
         schedule: the method, e.g. `schedules.ema(0.99)`.
-        output: a `.safetensors` file, a torch file (`.pt`, `.pth`, `.bin`), or a folder
-            (ending in `/`, or existing) for Hugging Face shards.
-        dtype: output dtype of averaged tensors (`float32`, `bfloat16`, `float16`);
-            default: each tensor's dtype in the first checkpoint.
-        accum_dtype: `float32`, or `float64` for extra precision.
-        max_shard_size: largest output file, e.g. `"5GB"`; implies a folder output.
-        force: replace an existing output.
-        wrap_key: for a torch output, save `{wrap_key: state_dict}` instead of the state dict.
-        nonfinite: what a NaN or Inf in an input does: `error`, `warn`, or `skip-checkpoint`
-            (drop that checkpoint and average the others, with the schedule's weights for them).
-        steps: each checkpoint's training step; default: stored with it, or read from its name.
+        options: the output and how it is computed (`OutputOptions`: output, dtype,
+            accum_dtype, max_shard_size, force, wrap_key, nonfinite, steps); `device` is
+            the executor's. No output: a plan to report, not to carry out.
         selection: which checkpoints to keep, e.g. `Selection(last=5)`.
+        settings: `OutputOptions` fields given one by one instead, or over `options`
+            (`build_plan(cks, swa(), output="swa/", max_shard_size="5GB")`).
 
     Raises:
         MismatchError: the checkpoints do not hold the same tensors with the same shapes.
         OutputError: the output exists (without `force`), is an input, or cannot be laid out.
         ScheduleError: the schedule does not fit the number of checkpoints.
     """
+    options = replace(options or OutputOptions(), **settings)
+    output, force, wrap_key, nonfinite = options.output, options.force, options.wrap_key, options.nonfinite
     checkpoints = list(checkpoints)
     if nonfinite not in NONFINITE_POLICIES:
         raise OutputError(f"`nonfinite` must be one of {', '.join(NONFINITE_POLICIES)}, got {nonfinite}")
     found, sources = resolve_steps(
-        [ck.label for ck in checkpoints], [ck.scalars for ck in checkpoints], steps
+        [ck.label for ck in checkpoints], [ck.scalars for ck in checkpoints], options.steps
     )
     selected = []
     if selection is not None and selection.active:
@@ -249,17 +239,22 @@ def build_plan(
         found, sources = [found[i] for i in kept], [sources[i] for i in kept]
     weights = schedule.weights(len(checkpoints), found)
     _check_same_model(checkpoints)
-    accum = _dtype_name(accum_dtype, "`accum_dtype`")
+    accum = _dtype_name(options.accum_dtype, "`accum_dtype`")
     if accum not in ("F32", "F64"):
-        raise OutputError(f"`accum_dtype` must be float32 or float64, got {accum_dtype}")
-    tensors = _output_tensors(checkpoints, _dtype_name(dtype, "`dtype`") if dtype else None)
+        raise OutputError(f"`accum_dtype` must be float32 or float64, got {options.accum_dtype}")
+    tensors = _output_tensors(checkpoints, _dtype_name(options.dtype, "`dtype`") if options.dtype else None)
     warnings = [*schedule.warnings(len(checkpoints)), *duplicate_warnings(checkpoints)]
     if len(checkpoints) == 1:
         warnings.append(f"only one checkpoint ({checkpoints[0].label}): the output is a copy of it")
     layout = None
     if output is not None:
         layout = lay_out(
-            checkpoints, tensors, output, force=force, max_shard_size=max_shard_size, wrap_key=wrap_key
+            checkpoints,
+            tensors,
+            output,
+            force=force,
+            max_shard_size=options.max_shard_size,
+            wrap_key=wrap_key,
         )
         warnings.extend(layout.warnings)
     elif wrap_key is not None:
