@@ -26,6 +26,9 @@ HF_WEIGHT_NAMES = (
     "pytorch_model.bin.index.json",
 )
 HF_CONFIG_NAME = "config.json"
+# A PEFT adapter folder: its config beside its weights (named in order of preference).
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 # Files a training run keeps next to the weights that are not weights.
 TRAINER_STATE = re.compile(r"^(optimizer|scheduler|scaler|rng_state.*|training_args|trainer_state)\.\w+$")
 TRAINER_CHECKPOINT = "checkpoint-*"
@@ -106,10 +109,15 @@ def is_model_side_file(name: str) -> bool:
 
 
 def _weights_among(files: Sequence[str], label: str) -> str | None:
-    """The checkpoint among a folder's file names: Hugging Face names first, else the only weights file."""
+    """The checkpoint among a folder's file names: Hugging Face names first, then a PEFT adapter's,
+    else the only weights file."""
     for name in HF_WEIGHT_NAMES:
         if name in files:
             return name
+    if ADAPTER_CONFIG_NAME in files:
+        for name in ADAPTER_WEIGHT_NAMES:
+            if name in files:
+                return name
     indexes = sorted(f for f in files if f.endswith(INDEX_SUFFIX))
     if len(indexes) > 1:
         raise InputError(f"{label}: holds several shard indexes ({', '.join(indexes)}); pass one of them")

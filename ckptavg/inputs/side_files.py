@@ -34,17 +34,18 @@ def allowed_root(folder: Path, label: str) -> Path:
     return folder
 
 
-def find_side_files(folder: Path, root: Path) -> tuple[list[Path], list[str]]:
+def find_side_files(folder: Path, root: Path, marker: str = HF_CONFIG_NAME) -> tuple[list[Path], list[str]]:
     """The side files of a model folder to copy, and a warning for each one left out.
 
-    None unless `folder` holds a `config.json`; never weights, shard indexes or trainer state.
+    None unless `folder` holds `marker` (a `config.json`, or a PEFT adapter's `adapter_config.json`);
+    never weights, shard indexes or trainer state.
     """
     try:
         entries = sorted(folder.iterdir())
     except OSError:
         return [], []
     names = [p for p in entries if is_model_side_file(p.name)]
-    if not any(p.name == HF_CONFIG_NAME for p in names):
+    if not any(p.name == marker for p in names):
         return [], []
     files, skipped = [], []
     for path in names:
