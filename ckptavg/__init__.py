@@ -15,6 +15,7 @@ from .inputs.selection import Selection
 from .schedules import ema, power_ema, swa, weighted
 
 if TYPE_CHECKING:  # what `__getattr__` loads on first use, visible to editors and type checkers
+    from .adapters.options import LoraOptions
     from .api import average, average_many, bn_update, inspect, open_checkpoints
     from .bn.data import DataOptions
     from .bn.statistics import BatchNormPass
@@ -30,6 +31,7 @@ __all__ = [
     "DataOptions",
     "HubOptions",
     "InputError",
+    "LoraOptions",
     "MismatchError",
     "OptionsError",
     "OutputError",
@@ -67,6 +69,7 @@ _LAZY = {
     "BatchNormPass": "bn.statistics",
     "DataOptions": "bn.data",
     "HubOptions": "inputs.hub_options",
+    "LoraOptions": "adapters.options",
     "open_checkpoint": "formats.readers",
 }
 

@@ -21,6 +21,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .adapters.options import LoraOptions
 from .errors import OptionsError
 from .formats.readers import Checkpoint, open_checkpoint, open_headers
 from .inputs.folders import Source
@@ -35,6 +36,7 @@ from .run.executor import execute
 from .schedules import Schedule
 
 if TYPE_CHECKING:
+    from .adapters.plan import AdapterPlan
     from .bn.statistics import BatchNormPass
 
 
@@ -100,8 +102,9 @@ def average(
     steps: Sequence[int] | None = None,
     selection: Selection | None = None,
     bn: BatchNormPass | None = None,
+    lora: LoraOptions | None = None,
     progress: bool = False,
-) -> Plan:
+) -> Plan | AdapterPlan:
     """Average checkpoints into `out`, streaming: memory stays flat whatever the model size.
 
     Args:
@@ -127,6 +130,8 @@ def average(
         selection: which checkpoints to keep, e.g. `Selection(last=5)`.
         bn: recompute the BatchNorm statistics of the average over data before the
             final write (`ckptavg.BatchNormPass(model=..., data=ckptavg.DataOptions(...))`).
+        lora: for PEFT LoRA adapters (always averaged exactly, never factor by factor):
+            `LoraOptions(lora="concat")` (the default), `"svd"` with `rank`, or `"merge"` with `base`.
         progress: show progress bars.
 
     Returns:
@@ -153,6 +158,7 @@ def average(
         selection=selection,
         hub=hub,
         bn=bn,
+        lora=lora,
         progress=progress,
     )
     return plan
@@ -167,15 +173,17 @@ def average_many(
     selection: Selection | None = None,
     hub: HubOptions | None = None,
     bn: BatchNormPass | None = None,
+    lora: LoraOptions | None = None,
     dry_run: bool = False,
     progress: bool = False,
     on_plans: Callable[[list[Plan]], None] | None = None,
-) -> list[Plan]:
+) -> list[Plan] | list[AdapterPlan]:
     """One output per schedule, from one read of the inputs (several `--sigma-rel`, say).
 
     With several schedules, `output.output` names each output by the schedule's
     parameters, e.g. `ema_{sigma_rel}.safetensors`. `on_plans` sees the plans
-    before anything is read (to report them); `dry_run` stops there.
+    before anything is read (to report them); `dry_run` stops there. PEFT LoRA adapters
+    (or any `lora` but the default) go through `adapters/`: see `LoraOptions`.
 
     Returns:
         The plans as carried out (or as planned, with `dry_run`).
@@ -199,6 +207,20 @@ def average_many(
         hub=hub,
         fetch=not dry_run,
     ) as checkpoints:
+        if (lora is not None and lora.given) or _holds_adapters(checkpoints):
+            return _average_adapters(
+                checkpoints,
+                schedules,
+                names,
+                lora or LoraOptions(),
+                read,
+                output,
+                selection,
+                hub,
+                bn,
+                dry_run,
+                on_plans,
+            )
         plans = [
             build_plan(checkpoints, schedule, output, selection=selection, output=name)
             for schedule, name in zip(schedules, names, strict=True)
@@ -212,6 +234,45 @@ def average_many(
         from .bn.statistics import average_then_recompute_statistics
 
         return [average_then_recompute_statistics(plans[0], bn, device=output.device, progress=progress)]
+
+
+def _holds_adapters(checkpoints: Sequence[Checkpoint]) -> bool:
+    from .adapters.plan import is_adapter
+
+    return any(is_adapter(ck) for ck in checkpoints)
+
+
+def _average_adapters(
+    checkpoints, schedules, names, lora, read, output, selection, hub, bn, dry_run, on_plans
+):
+    """`average_many` for LoRA adapters: their factors are never averaged one by one."""
+    from dataclasses import replace
+
+    from .adapters.plan import build_adapter_plan
+    from .adapters.run import execute as write_adapters
+
+    if bn is not None:
+        raise OptionsError("a BatchNorm pass (`bn`) needs a full model, not LoRA adapters")
+    with ExitStack() as stack:
+        base = None
+        if lora.base is not None:
+            found = stack.enter_context(
+                open_checkpoints(
+                    [lora.base], key=read.key, strip_prefix=read.strip_prefix, hub=hub, fetch=not dry_run
+                )
+            )
+            if len(found) > 1:
+                raise OptionsError(f"`base` {lora.base} holds {len(found)} checkpoints; give one")
+            (base,) = found
+        plans = [
+            build_adapter_plan(
+                checkpoints, schedule, lora, replace(output, output=name), base=base, selection=selection
+            )
+            for schedule, name in zip(schedules, names, strict=True)
+        ]
+        if on_plans is not None:
+            on_plans(plans)
+        return plans if dry_run else write_adapters(plans)
 
 
 def output_names(output: str | os.PathLike | None, schedules: Sequence[Schedule]) -> list[str | None]:

@@ -16,7 +16,16 @@ from dataclasses import dataclass
 from typing import Any
 
 # The headings `--help` groups the flags under, in this order.
-GROUPS = ("Method", "Inputs", "Selection", "Output", "Run", "BatchNorm pass", "Hugging Face Hub")
+GROUPS = (
+    "Method",
+    "LoRA adapters",
+    "Inputs",
+    "Selection",
+    "Output",
+    "Run",
+    "BatchNorm pass",
+    "Hugging Face Hub",
+)
 _NO_CLI_DEFAULT = object()
 
 

@@ -21,12 +21,13 @@ from ..formats import dtypes
 from ..formats.readers import Checkpoint
 from ..formats.safetensors_header import Entry, layout_order
 from ..inputs.duplicates import duplicate_warnings
-from ..inputs.folders import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHT_NAMES
+from ..inputs.folders import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHT_NAMES, HUB_PREFIX
 from ..inputs.selection import Selection, select
 from ..inputs.side_files import allowed_root, find_side_files
 from ..inputs.steps import resolve_steps
 from ..options import OutputOptions
 from ..plan.layout import COPIED_KEY, VERSION_KEY, Layout, check_target, lay_out
+from ..plan.plan import NONFINITE_POLICIES
 from ..plan.tensors import TensorPlan
 from ..schedules import Schedule
 from .config import AdapterConfig, read_config
@@ -81,14 +82,6 @@ class AdapterPlan:
     @property
     def folder(self) -> bool:
         return self.layout.folder if self.layout is not None else self.output is not None
-
-    @property
-    def scalings(self) -> list[dict[str, float]]:
-        """Each adapter's scaling of each of its modules."""
-        return [{m: config.scaling(m) for m in self._modules_of(i)} for i, config in enumerate(self.configs)]
-
-    def _modules_of(self, index: int) -> list[str]:
-        return [layer.module for layer in self.layers if any(i == index for i, _ in layer.parts)]
 
     def entries(self) -> list[Entry]:
         """The output adapter's tensors (concat, svd), in the order they are written."""
@@ -187,6 +180,8 @@ def build_adapter_plan(
     """
     options = options or OutputOptions()
     output, dtype, force, nonfinite = options.output, options.dtype, options.force, options.nonfinite
+    if nonfinite not in NONFINITE_POLICIES:
+        raise OutputError(f"`nonfinite` must be one of {', '.join(NONFINITE_POLICIES)}, got {nonfinite}")
     checkpoints = list(checkpoints)
     not_adapters = [ck for ck in checkpoints if not is_adapter(ck)]
     if len(not_adapters) == len(checkpoints):
@@ -200,8 +195,11 @@ def build_adapter_plan(
             "(to put an average of adapters into a model, use `lora=merge` with `base`)"
         )
     for ck in checkpoints:
-        if ck.path is None:
-            raise InputError(f"{ck.label}: a LoRA adapter is averaged once downloaded; run without `dry_run`")
+        if ck.path is None or ck.label.startswith(HUB_PREFIX):
+            raise InputError(
+                f"{ck.label}: a LoRA adapter on the Hub; average a local copy "
+                "(huggingface-cli download ORG/REPO --local-dir FOLDER)"
+            )
     configs = [read_config(ck.path, ck.label) for ck in checkpoints]
     found, sources = resolve_steps(
         [ck.label for ck in checkpoints], [ck.scalars for ck in checkpoints], options.steps

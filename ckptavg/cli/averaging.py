@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from ..adapters.options import LoraOptions
 from ..bn.data import DataOptions
 from ..bn.statistics import BatchNormPass
 from ..inputs.hub_options import HubOptions
@@ -33,6 +34,7 @@ def _averaging_flags(command):
     return apply(
         [
             click.argument("inputs", nargs=-1, required=True, metavar="INPUTS..."),
+            *flags(LoraOptions),
             *flags(ReadOptions),
             *flags(Selection),
             *flags(OutputOptions),
@@ -201,6 +203,7 @@ def _average(schedules, values: dict) -> None:
         selection=take(Selection, values),
         hub=take(HubOptions, values, progress=progress),
         bn=bn,
+        lora=take(LoraOptions, values),
         dry_run=dry_run,
         progress=progress,
         on_plans=report,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import OutputError
 from ..formats.readers import Checkpoint
+from ..inputs.folders import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHT_NAMES
 from ..inputs.side_files import allowed_root, find_side_files
 from ..units import parse_size
 from .tensors import OutputFile, TensorPlan
@@ -39,7 +40,7 @@ def kept_files(folder: Path, replaced: set[str]) -> list[str]:
 
 def _files_written_by_ckptavg(folder: Path) -> set[str]:
     """The weights, index and copied side files of a ckptavg folder output, as its metadata lists them."""
-    ours = {INDEX_NAME, SINGLE_FILE_NAME}
+    ours = {INDEX_NAME, SINGLE_FILE_NAME, ADAPTER_CONFIG_NAME, *ADAPTER_WEIGHT_NAMES}
     ours.update(p.name for p in folder.iterdir() if _SHARD_PATTERN.match(p.name))
     metadata = _output_metadata(folder) or {}
     with contextlib.suppress(ValueError, TypeError):
@@ -88,11 +89,12 @@ def _output_metadata(folder: Path) -> dict | None:
         if (folder / INDEX_NAME).is_file():
             metadata = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8")).get("metadata", {})
             return metadata if isinstance(metadata, dict) else None
-        if (folder / SINGLE_FILE_NAME).is_file():
-            from safetensors import safe_open
+        for name in (SINGLE_FILE_NAME, ADAPTER_WEIGHT_NAMES[0]):  # a model's, or an averaged adapter's
+            if (folder / name).is_file():
+                from safetensors import safe_open
 
-            with safe_open(folder / SINGLE_FILE_NAME, framework="pt") as f:
-                return f.metadata() or {}
+                with safe_open(folder / name, framework="pt") as f:
+                    return f.metadata() or {}
     except Exception:  # unreadable: not ours to replace
         return None
     return None
