@@ -29,6 +29,7 @@ from .inputs.hub_options import HubOptions
 from .inputs.selection import Selection
 from .inputs.specs import resolve_sources
 from .options import OutputOptions, ReadOptions
+from .plan.like_last import wants_like_last
 from .plan.plan import Plan, build_plan
 from .plan.report import count_dtypes
 from .run import supervision
@@ -98,6 +99,7 @@ def average(
     max_shard_size: int | str | None = None,
     force: bool = False,
     wrap_key: str | None = None,
+    like_last: bool = False,
     nonfinite: str = "error",
     steps: Sequence[int] | None = None,
     selection: Selection | None = None,
@@ -113,8 +115,9 @@ def average(
             `hf://ORG/REPO[@REVISION][/PATH]` paths on the Hub;
             sorted naturally (`step_2` before `step_10`) unless `keep_order`.
         schedule: `ckptavg.swa()`, `ckptavg.ema(decay)` or `ckptavg.weighted([...])`.
-        out: a `.safetensors` file, a torch file (`.pt`, `.pth`, `.bin`), or a folder
-            (ending in `/`) for Hugging Face shards plus the last input's config files.
+        out: a `.safetensors` file, a torch file (`.pt`, `.pth`, `.bin`; `.ckpt`, `.pth.tar`
+            are written `like_last`), or a folder (ending in `/`) for Hugging Face shards plus
+            the last input's config files.
         key: for torch files, the dict holding the weights (e.g. `state_dict_ema`).
         strip_prefix: prefixes removed from tensor names (e.g. `["module."]`).
         hub: for `hf://` inputs: `HubOptions(token=..., cache_dir=..., offline=...)`.
@@ -124,6 +127,9 @@ def average(
         max_shard_size: largest output file, e.g. `"5GB"` (folder outputs).
         force: replace an existing output.
         wrap_key: for a torch output, save `{wrap_key: state_dict}`.
+        like_last: for a torch output, write the last input's checkpoint (a torch zip archive)
+            with the averaged weights put in place and all else (epoch, optimizer state,
+            hyper-parameters) carried over unchanged.
         nonfinite: a NaN or Inf in an input: `error`, `warn`, or `skip-checkpoint`.
         steps: each checkpoint's training step, for step-aware schedules; default: stored
             with the checkpoint, else read from its name (`step_1000`, `checkpoint-1000`).
@@ -149,6 +155,7 @@ def average(
             dtype=dtype,
             max_shard_size=max_shard_size,
             wrap_key=wrap_key,
+            like_last=like_last,
             force=force,
             accum_dtype=accum_dtype,
             device=device,
@@ -198,6 +205,7 @@ def average_many(
         raise OptionsError("give an output with `output=PATH` (or check the inputs with `dry_run=True`)")
     if bn is not None and len(schedules) > 1:
         raise OptionsError("a BatchNorm pass (`bn`) works with one output at a time; give one `sigma_rel`")
+    _refuse_like_last_with_bn(bn, output)
     names = output_names(output.output, schedules)
     with open_checkpoints(
         inputs,
@@ -275,6 +283,14 @@ def _average_adapters(
         return plans if dry_run else write_adapters(plans)
 
 
+def _refuse_like_last_with_bn(bn: BatchNormPass | None, output: OutputOptions) -> None:
+    if bn is not None and wants_like_last(output.output, output.like_last):
+        raise OptionsError(
+            "a BatchNorm pass (`bn`) writes the weights alone, not like the last input (`like_last`, "
+            "implied by .ckpt and .pth.tar): write a .pt or .safetensors output"
+        )
+
+
 def output_names(output: str | os.PathLike | None, schedules: Sequence[Schedule]) -> list[str | None]:
     """One output per schedule: `output` as given, or formatted with each schedule's parameters.
 
@@ -320,6 +336,7 @@ def bn_update(
     read, output = read or ReadOptions(), output or OutputOptions()
     if output.output is None and not dry_run:
         raise OptionsError("give an output with `output=PATH` (or check with `dry_run=True`)")
+    _refuse_like_last_with_bn(bn, output)
     with open_checkpoints(
         [checkpoint_spec], key=read.key, strip_prefix=read.strip_prefix, hub=hub, fetch=not dry_run
     ) as checkpoints:

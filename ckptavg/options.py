@@ -125,8 +125,8 @@ class OutputOptions:
         group="Output",
         short="-o",
         metavar="PATH",
-        help="Output file (.safetensors, or .pt/.pth/.bin for torch.save), or a folder ending in '/' "
-        "for Hugging Face shards.",
+        help="Output file (.safetensors, or .pt/.pth/.bin for torch.save; .ckpt/.pth.tar: like the last "
+        "input, see --like-last), or a folder ending in '/' for Hugging Face shards.",
     )
     dtype: str | None = option(
         None,
@@ -146,6 +146,12 @@ class OutputOptions:
         group="Output",
         metavar="NAME",
         help="Torch output: save {NAME: state_dict} instead of the plain state dict.",
+    )
+    like_last: bool = option(
+        False,
+        group="Output",
+        help="Torch output: the last input's checkpoint with the averaged weights put in place, all else "
+        "(epoch, optimizer, hyper-parameters, ...) carried over unchanged [default for .ckpt, .pth.tar].",
     )
     force: bool = option(False, group="Output", help="Replace an existing output.")
     accum_dtype: str = option(

@@ -138,6 +138,7 @@ class TorchFile:
         self.stamp = stamp_of(path)
         weights = read_torch_weights(path, key)
         self.scalars = weights.scalars
+        self.key = weights.key  # where the weights were found (None: a flat state dict)
         self.tensors = {}
         for name, tensor in weights.tensors.items():
             try:

@@ -145,6 +145,10 @@ class Checkpoint:
         shard, stored = self._where[name]
         return shard.get(stored, self.tensors[name])
 
+    def file_of(self, name: str) -> tuple[CheckpointFile, str]:
+        """The file holding tensor `name`, and the tensor's name there (before prefixes were stripped)."""
+        return self._where[name]
+
     def byte_range(self, name: str) -> tuple[Path, int, int] | None:
         """Where tensor `name`'s bytes lie in a safetensors file, or None (torch files, headers only)."""
         shard, stored = self._where[name]

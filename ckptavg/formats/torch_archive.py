@@ -57,8 +57,21 @@ class TorchArchive:
                 f"{path}: saved on a big-endian machine; load it there and save it again, or convert it "
                 "to safetensors"
             )
-        self.content, self._declared, self._storages = _skeleton(reader)
+        self.content, self._declared, self._storages, self._references = _skeleton(reader)
         self._bytes = None
+
+    @property
+    def records(self) -> dict[str, _Record]:
+        """Each record's place in the file, by its name in the archive (`data.pkl`, `data/0`, ...)."""
+        return dict(self._records)
+
+    def place(self, tensor) -> tuple[str, int]:
+        """The record holding a (checked) tensor of `content`'s storage, and the storage's size in bytes."""
+        return self._declared[tensor.untyped_storage()._cdata]
+
+    def references(self, record: str) -> int:
+        """How many times the pickle refers to a record's storage: once per tensor saved on it."""
+        return self._references.get(record, 0)
 
     def problem(self, tensor) -> str | None:
         """Why the record of a tensor of `content` cannot back it: missing, or shorter than its storage."""
@@ -170,14 +183,15 @@ def _check_zip_directory(path: Path, records: dict[str, _Record]) -> int:
     return directory_start
 
 
-def _skeleton(reader) -> tuple[object, dict[int, tuple[str, int]], list]:
-    """The checkpoint unpickled onto meta storages, each storage's record and declared size, and the
-    storages (kept alive, so that their addresses stay theirs)."""
+def _skeleton(reader) -> tuple[object, dict[int, tuple[str, int]], list, dict[str, int]]:
+    """The checkpoint unpickled onto meta storages, each storage's record and declared size, the
+    storages (kept alive, so that their addresses stay theirs), and how often each record is referred to."""
     import torch
     from torch import _weights_only_unpickler
 
     by_key: dict = {}
     declared: dict[int, tuple[str, int]] = {}  # meta storage address -> (record, largest size declared)
+    references: dict[str, int] = {}
 
     def persistent_load(saved_id):
         _, storage_type, key, _, numel = saved_id
@@ -187,6 +201,7 @@ def _skeleton(reader) -> tuple[object, dict[int, tuple[str, int]], list]:
             by_key[key] = torch.UntypedStorage(nbytes, device="meta")
         record, known = declared.get(by_key[key]._cdata, (f"data/{key}", 0))
         declared[by_key[key]._cdata] = (record, max(known, nbytes))
+        references[record] = references.get(record, 0) + 1
         return torch.storage.TypedStorage(wrap_storage=by_key[key], dtype=dtype, _internal=True)
 
     pickled = io.BytesIO(reader.get_record(PICKLE_RECORD))
@@ -196,4 +211,4 @@ def _skeleton(reader) -> tuple[object, dict[int, tuple[str, int]], list]:
         content = unpickler.load()
     finally:
         torch._utils._sparse_tensors_to_validate.clear()  # meta tensors: nothing to validate, ever
-    return content, declared, list(by_key.values())
+    return content, declared, list(by_key.values()), references

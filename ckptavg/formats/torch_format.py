@@ -102,6 +102,17 @@ def read_torch_weights(path: Path, key: str | None = None) -> TorchWeights:
         return TorchWeights(views, used_key, skipped, scalar_entries(_with_numbers_read(archive)))
 
 
+def read_torch_archive(path: Path) -> TorchArchive:
+    """A torch zip archive, checked and unpickled onto meta storages with only the data-only classes
+    allowed (no tensor byte is read).
+
+    Raises:
+        InputError: as `read_torch_weights`.
+    """
+    with _loading(path):
+        return TorchArchive(path)
+
+
 def _with_numbers_read(archive: TorchArchive) -> object:
     """The archive's top level with its one-element tensors (a step, a metric) read from the file."""
     import torch

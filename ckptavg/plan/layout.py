@@ -1,6 +1,7 @@
-"""The output's layout: one file, a torch file, or a Hugging Face folder of shards; and whether
-the target may be written at all (never an input, never a folder ckptavg did not write, replaced
-only with force, keeping the files a user added to an old folder output)."""
+"""The output's layout: one file, a torch file (or the last input's own archive, `like_last`), or a
+Hugging Face folder of shards; and whether the target may be written at all (never an input, never
+a folder ckptavg did not write, replaced only with force, keeping the files a user added to an old
+folder output)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ from ..formats.readers import Checkpoint
 from ..inputs.folders import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHT_NAMES
 from ..inputs.side_files import allowed_root, find_side_files
 from ..units import parse_size
+from .like_last import LIKE_LAST_SUFFIXES, LikeLast, plan_like_last
 from .tensors import OutputFile, TensorPlan
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_FILE_NAME = "model.safetensors"
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 TORCH_OUTPUT_SUFFIXES = (".pt", ".pth", ".bin")
+_LIKE_LAST_NAMES = (*TORCH_OUTPUT_SUFFIXES, *LIKE_LAST_SUFFIXES)
 DEFAULT_FOLDER_SHARD_SIZE = "50GB"
 VERSION_KEY = "ckptavg.version"
 COPIED_KEY = "ckptavg.copied"  # the side files a folder output holds, so a later --force knows them
@@ -108,6 +111,7 @@ class Layout:
     folder: bool = False
     torch_output: bool = False
     wrap_key: str | None = None
+    like_last: LikeLast | None = None  # the last input's torch archive with the averages put in place
     files: tuple[OutputFile, ...] = ()
     shard_size: int | None = None
     extra_files: tuple[Path, ...] = ()  # the last input's config and tokenizer files, for a folder
@@ -124,6 +128,7 @@ def lay_out(
     force: bool,
     max_shard_size: int | str | None,
     wrap_key: str | None,
+    like_last: bool = False,
 ) -> Layout:
     """The layout of an output of `tensors` at `output`, once the target is seen to be writable.
 
@@ -133,14 +138,25 @@ def lay_out(
     text = os.fspath(output)
     target = Path(text)
     folder = text.endswith(("/", os.sep)) or target.is_dir()
-    torch_output = not folder and target.suffix in TORCH_OUTPUT_SUFFIXES
+    implied = None if like_last else next((s for s in LIKE_LAST_SUFFIXES if text.endswith(s)), None)
+    like = like_last or implied is not None
+    torch_output = not folder and not like and target.suffix in TORCH_OUTPUT_SUFFIXES
     if not folder and max_shard_size is not None:
         raise OutputError(
             f"{target}: `max_shard_size` writes shards into a folder; give `output={target.with_suffix('')}/`"
         )
-    if not folder and not torch_output and target.suffix != ".safetensors":
+    if like and (folder or not target.name.endswith(_LIKE_LAST_NAMES)):
         raise OutputError(
-            f"{target}: give a file ending in .safetensors, {', '.join(TORCH_OUTPUT_SUFFIXES)}, "
+            f"{target}: `like_last` writes a torch file: give a file ending in {', '.join(_LIKE_LAST_NAMES)}"
+        )
+    if like and wrap_key is not None:
+        raise OutputError(
+            f"{target}: `wrap_key` contradicts `like_last`{f' (implied by {implied})' if implied else ''}, "
+            "which keeps the last input's own layout: leave out `wrap_key`, or write a .pt file"
+        )
+    if not folder and not torch_output and not like and target.suffix != ".safetensors":
+        raise OutputError(
+            f"{target}: give a file ending in .safetensors, {', '.join(_LIKE_LAST_NAMES)}, "
             "or a folder ending in '/'"
         )
     if wrap_key is not None and not torch_output:
@@ -151,7 +167,8 @@ def lay_out(
     check_target(target, folder=folder, force=force)
     if not folder:
         files = (OutputFile(target.name, tuple(tensors)),)
-        return Layout(target, torch_output=torch_output, wrap_key=wrap_key, files=files)
+        planned = plan_like_last(checkpoints[-1], tensors, target, implied) if like else None
+        return Layout(target, torch_output=torch_output, wrap_key=wrap_key, like_last=planned, files=files)
     last = checkpoints[-1]
     root = allowed_root(last.folder, last.label) if last.folder is not None else None
     extra_files, skipped = find_side_files(last.folder, root) if root is not None else ([], [])

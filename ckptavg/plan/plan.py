@@ -27,6 +27,7 @@ from ..memory import BUFFERS_IN_FLIGHT, CHUNK_ELEMENTS, STAGING_BUFFERS, STAGING
 from ..options import OutputOptions
 from ..schedules import Schedule
 from .layout import COPIED_KEY, VERSION_KEY, Layout, lay_out
+from .like_last import plan_like_last
 from .report import describe
 from .tensors import OutputFile, TensorPlan
 
@@ -169,9 +170,15 @@ class Plan:
         checkpoint = self.checkpoints[index]
         checkpoints = [ck for i, ck in enumerate(self.checkpoints) if i != index]
         steps = [s for i, s in enumerate(self.steps) if i != index]
+        layout = self.layout
+        if layout is not None and layout.like_last is not None and index == len(self.checkpoints) - 1:
+            # written like the last input, which is now another one
+            like = plan_like_last(checkpoints[-1], self.tensors, layout.output, layout.like_last.implied_by)
+            layout = replace(layout, like_last=like)
         return replace(
             self,
             checkpoints=checkpoints,
+            layout=layout,
             steps=steps,
             step_sources=[s for i, s in enumerate(self.step_sources) if i != index],
             weights=self.schedule.weights(len(checkpoints), steps or None),
@@ -211,7 +218,7 @@ def build_plan(
         checkpoints: opened inputs, in averaging order (oldest first).
         schedule: the method, e.g. `schedules.ema(0.99)`.
         options: the output and how it is computed (`OutputOptions`: output, dtype,
-            accum_dtype, max_shard_size, force, wrap_key, nonfinite, steps); `device` is
+            accum_dtype, max_shard_size, force, wrap_key, like_last, nonfinite, steps); `device` is
             the executor's. No output: a plan to report, not to carry out.
         selection: which checkpoints to keep, e.g. `Selection(last=5)`.
         settings: `OutputOptions` fields given one by one instead, or over `options`
@@ -255,10 +262,13 @@ def build_plan(
             force=force,
             max_shard_size=options.max_shard_size,
             wrap_key=wrap_key,
+            like_last=options.like_last,
         )
         warnings.extend(layout.warnings)
-    elif wrap_key is not None:
-        raise OutputError("`wrap_key` needs a torch output (`output=out.pt`)")
+    elif wrap_key is not None or options.like_last:
+        raise OutputError(
+            f"`{'wrap_key' if wrap_key else 'like_last'}` needs a torch output (`output=out.pt`)"
+        )
     return Plan(
         checkpoints,
         schedule,

@@ -104,6 +104,8 @@ def _writes(plan: Plan) -> list[str]:
         what = ", ".join(f.name for f in plan.files[:3]) + (", ..." if len(plan.files) > 3 else "")
         index = f" + {INDEX_NAME}" if len(plan.files) > 1 else ""
         lines = [f"writes:     {plan.output}{os.sep} ({plural(len(plan.files), 'file')}: {what}{index})"]
+    elif plan.layout.like_last is not None:
+        lines = plan.layout.like_last.describe(plan.output)
     elif plan.torch_output:
         wrapped = f"{{'{plan.wrap_key}': state_dict}}" if plan.wrap_key else "a plain state dict"
         lines = [f"writes:     {plan.output} (torch.save of {wrapped})"]

@@ -19,7 +19,9 @@ from ..inputs.side_files import copy_side_file
 from ..plan.layout import INDEX_NAME
 from ..plan.plan import Plan
 from ..plan.spans import spans
+from ..plan.tensors import OutputFile
 from . import interrupts
+from .torch_like import LikeLastWriter
 from .transaction import OutputTransaction
 
 
@@ -72,8 +74,8 @@ def _write(plans: list[Plan], *, device: str, progress: bool) -> list[str]:
     from .pipeline import WriteQueue
 
     first = plans[0]
-    for plan in plans:  # a torch output is streamed to safetensors first, then saved from its map
-        ensure_free_space(plan.output, plan.output_nbytes * (2 if plan.torch_output else 1))
+    for plan in plans:
+        ensure_free_space(plan.output, _space_needed(plan))
     metadata = [plan.metadata() for plan in plans]
     with (
         tqdm(
@@ -99,7 +101,7 @@ def _write(plans: list[Plan], *, device: str, progress: bool) -> list[str]:
         for plan, output, stream, meta in zip(plans, outputs, streamed, metadata, strict=True):
             by_name = {}
             for file in plan.files:
-                writer = output.safetensors(file.name, [t.entry for t in file.tensors], meta, path=stream)
+                writer = _file_writer(plan, output, file, stream, meta)
                 by_name.update((t.name, writer) for t in file.tensors)
             writers.append(by_name)
         files = list({id(w): w for by_name in writers for w in by_name.values()}.values())
@@ -123,6 +125,24 @@ def _write(plans: list[Plan], *, device: str, progress: bool) -> list[str]:
         for plan, output, stream, meta in zip(plans, outputs, streamed, metadata, strict=True):
             _finish_output(plan, output, stream, meta)
     return engine.warnings
+
+
+def _space_needed(plan: Plan) -> int:
+    """The disk space an output takes: a torch output is streamed to safetensors first, then saved
+    from its map; one like the last input is as large as that input."""
+    if plan.layout.like_last is not None:
+        return plan.layout.like_last.size
+    return plan.output_nbytes * (2 if plan.torch_output else 1)
+
+
+def _file_writer(
+    plan: Plan, output: OutputTransaction, file: OutputFile, stream: Path | None, metadata: dict
+):
+    """The writer of one output file: safetensors (a torch output's scratch file, for one), or a
+    copy of the last input's archive with the averages put in place."""
+    if plan.layout.like_last is not None:
+        return output.track(LikeLastWriter(output.path_of(file.name), plan.layout.like_last, plan.output))
+    return output.safetensors(file.name, [t.entry for t in file.tensors], metadata, path=stream)
 
 
 def _finish_output(plan: Plan, output: OutputTransaction, streamed: Path | None, metadata: dict) -> None:

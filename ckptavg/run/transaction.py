@@ -86,6 +86,11 @@ class OutputTransaction:
         self._writers.append(writer)
         return writer
 
+    def track(self, writer):
+        """Have `writer` (anything with `abort()`, writing under `path_of`) aborted unless committed."""
+        self._writers.append(writer)
+        return writer
+
     def write_json(self, name: str, content: dict) -> None:
         path = self.path_of(name)
         try:

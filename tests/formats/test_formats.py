@@ -270,8 +270,8 @@ class TestTorchOutput:
             ckptavg.average(series, ckptavg.swa(), out=tmp_path / "o.safetensors", wrap_key="model")
 
     def test_unknown_suffix(self, tmp_path, series):
-        with pytest.raises(OutputError, match=r"o\.ckpt: give a file ending in \.safetensors, \.pt"):
-            ckptavg.average(series, ckptavg.swa(), out=tmp_path / "o.ckpt")
+        with pytest.raises(OutputError, match=r"o\.npz: give a file ending in \.safetensors, \.pt"):
+            ckptavg.average(series, ckptavg.swa(), out=tmp_path / "o.npz")
 
 
 class TestHuggingFaceFolders:
