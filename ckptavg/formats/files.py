@@ -1,18 +1,17 @@
-"""The per-file readers behind `readers.CheckpointFile`: a safetensors file (header validated by
-safetensors, data from one private map), a torch file (see `torch_format`), and a safetensors file
+"""The per-file readers behind `readers.CheckpointFile`: a safetensors file (header parsed once,
+as safetensors checks it; data from one private map), a torch file (see `torch_format`), and a safetensors file
 known by its header alone (a Hub checkpoint planned before it is downloaded)."""
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
-import struct
 from pathlib import Path, PurePosixPath
 
 from ..errors import InputError
 from . import dtypes
 from .dtypes import TensorInfo
+from .safetensors_header import read_header
 from .torch_format import read_torch_weights, tied_groups
 
 
@@ -27,26 +26,27 @@ def _checked_info(path: Path, name: str, dtype: str, shape: tuple[int, ...]) -> 
 
 
 class SafetensorsFile:
-    """A safetensors file: header validated by safetensors, data from one private map."""
+    """A safetensors file: its header parsed once (as safetensors checks it), data from one private map."""
 
     notes: tuple[str, ...] = ()
     tied: tuple = ()
 
     def __init__(self, path: Path):
         self.path = path
-        self.stamp = stamp_of(path)
-        handle = _safe_open(path)
-        self.tensors = {}
-        for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
-            view = handle.get_slice(name)
-            dtype = view.get_dtype()
-            if not dtypes.is_known(dtype):
-                raise InputError(f"{path}: tensor '{name}' has dtype {dtype}, which ckptavg cannot average")
-            self.tensors[name] = _checked_info(path, name, dtype, tuple(view.get_shape()))
-        self.metadata = dict(handle.metadata() or {})
+        try:
+            with open(path, "rb") as f:
+                self.stamp = stamp_of(f.fileno())
+                stored, self.metadata = read_header(path, f)
+        except FileNotFoundError as e:
+            raise InputError(f"{path}: no such file") from e
+        except IsADirectoryError as e:
+            raise InputError(f"{path}: is a folder, not a safetensors file") from e
+        except OSError as e:
+            raise InputError(f"{path}: cannot read it ({e.strerror or e})") from e
+        self.tensors = {name: TensorInfo(t.dtype, t.shape) for name, t in stored.items()}
+        self.offsets = {name: (t.begin, t.end) for name, t in stored.items()}
         self.scalars = _numbers(self.metadata)
         self._bytes = None
-        self.offsets = _data_offsets(path, self.tensors)
 
     def get(self, name: str, info: TensorInfo):
         begin, end = self.offsets[name]
@@ -76,37 +76,6 @@ class SafetensorsFile:
         except (OSError, ValueError) as e:
             raise InputError(f"{self.path}: cannot map the file: {e}") from e
         self._bytes = torch.frombuffer(mapped, dtype=torch.uint8)
-
-
-def _data_offsets(path: Path, tensors: dict[str, TensorInfo]) -> dict[str, tuple[int, int]]:
-    """Each tensor's byte range in the file, from the header safetensors validated.
-
-    Read again here, so it must say what safetensors read: a name listed twice (each
-    reader might keep another entry) or a range that does not fit its tensor is refused.
-    """
-    with open(path, "rb") as f:
-        (header_length,) = struct.unpack("<Q", f.read(8))
-        text = f.read(header_length)
-    start = 8 + header_length
-    try:
-        entries = json.loads(text, object_pairs_hook=_no_duplicates)
-        ranges = {name: tuple(entries[name]["data_offsets"]) for name in tensors}
-    except (ValueError, KeyError, TypeError, RecursionError) as e:
-        raise InputError(f"{path}: its header reads differently to safetensors ({e}); save it again") from e
-    for name, (begin, end) in ranges.items():
-        if end - begin != tensors[name].nbytes:
-            raise InputError(
-                f"{path}: tensor '{name}' has a byte range that does not fit its shape; save it again"
-            )
-    return {name: (start + begin, start + end) for name, (begin, end) in ranges.items()}
-
-
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    names = [name for name, _ in pairs]
-    if len(set(names)) != len(names):
-        twice = next(name for name in names if names.count(name) > 1)
-        raise ValueError(f"'{twice}' is listed twice")
-    return dict(pairs)
 
 
 class HeaderOnlyFile:
@@ -182,16 +151,3 @@ def stamp_of(file) -> tuple[int, int] | None:
 
 def changed_message(path: Path) -> str:
     return f"{path}: changed while being read (still being written?); run again once it is complete"
-
-
-def _safe_open(path: Path):
-    from safetensors import safe_open
-
-    try:
-        return safe_open(path, framework="pt", device="cpu")
-    except FileNotFoundError as e:
-        raise InputError(f"{path}: no such file") from e
-    except IsADirectoryError as e:
-        raise InputError(f"{path}: is a folder, not a safetensors file") from e
-    except Exception as e:  # SafetensorError, OSError: the file is not what it should be
-        raise InputError(f"{path}: not a readable safetensors file ({e})") from e

@@ -426,6 +426,15 @@ def judge(args: list[str], result, out: Path, writes: bool) -> list[str]:
     return problems
 
 
+def safetensors_reads(path: Path) -> bool:
+    """Whether safetensors itself loads the file: ckptavg must never read one it refuses."""
+    try:
+        load_file(path)
+    except Exception:
+        return False
+    return True
+
+
 def run_case(seed: int, case: int, folder: Path) -> dict:
     kind, data, what = make_mutant(seed, case)
     folder.mkdir(parents=True, exist_ok=True)
@@ -446,6 +455,8 @@ def run_case(seed: int, case: int, folder: Path) -> dict:
         problems += judge(args, result, out, writes)
         outcomes.append(f"{result.exit_code} {result.stderr.strip()[:300]}")
         out.unlink(missing_ok=True)
+    if kind == "safetensors" and not safetensors_reads(mutant) and outcomes[0].startswith("0 "):
+        problems.append("inspect: read a file safetensors refuses (ckptavg parses headers itself)")
     return {"case": case, "mutation": what, "problems": problems, "outcomes": outcomes}
 
 
