@@ -50,17 +50,18 @@ def open_checkpoints(
     strip_prefix: Sequence[str] = (),
     hub: HubOptions | None = None,
     fetch: bool = True,
+    master_weights: bool = False,
 ) -> Iterator[list[Checkpoint]]:
     """Resolve specs (files, folders, quoted globs, `hf://` paths) and open each checkpoint.
 
-    `key` and `strip_prefix` are as in `open_checkpoint`; `hub` says how to reach the
+    `key`, `strip_prefix` and `master_weights` are as in `open_checkpoint`; `hub` says how to reach the
     Hub (token, cache, offline). Hub inputs are fetched into its cache here, unless
     `fetch` is False: then Hub safetensors checkpoints not in the cache are opened from
     their headers, read with range requests, which is enough to plan (`--dry-run`).
     """
     with ExitStack() as stack:
         checkpoints = [
-            stack.enter_context(_open_source(source, key, strip_prefix))
+            stack.enter_context(_open_source(source, key, strip_prefix, master_weights))
             for source in resolve_sources(specs, keep_order=keep_order, hub=hub, fetch=fetch)
         ]
         for checkpoint in checkpoints:
@@ -69,7 +70,9 @@ def open_checkpoints(
         yield checkpoints
 
 
-def _open_source(source: Source, key: str | None, strip_prefix: Sequence[str]) -> Checkpoint:
+def _open_source(
+    source: Source, key: str | None, strip_prefix: Sequence[str], master_weights: bool
+) -> Checkpoint:
     if source.headers is not None:
         headers, weight_map = source.headers
         return open_headers(
@@ -80,7 +83,12 @@ def _open_source(source: Source, key: str | None, strip_prefix: Sequence[str]) -
             strip_prefix=strip_prefix,
         )
     return open_checkpoint(
-        source.path, key=key, strip_prefix=strip_prefix, label=source.label, origin=source.origin
+        source.path,
+        key=key,
+        strip_prefix=strip_prefix,
+        label=source.label,
+        origin=source.origin,
+        master_weights=master_weights,
     )
 
 
@@ -214,6 +222,7 @@ def average_many(
         strip_prefix=read.strip_prefix,
         hub=hub,
         fetch=not dry_run,
+        master_weights=read.master_weights,
     ) as checkpoints:
         if (lora is not None and lora.given) or _holds_adapters(checkpoints):
             return _average_adapters(
@@ -338,7 +347,12 @@ def bn_update(
         raise OptionsError("give an output with `output=PATH` (or check with `dry_run=True`)")
     _refuse_like_last_with_bn(bn, output)
     with open_checkpoints(
-        [checkpoint_spec], key=read.key, strip_prefix=read.strip_prefix, hub=hub, fetch=not dry_run
+        [checkpoint_spec],
+        key=read.key,
+        strip_prefix=read.strip_prefix,
+        hub=hub,
+        fetch=not dry_run,
+        master_weights=read.master_weights,
     ) as checkpoints:
         if len(checkpoints) > 1:
             raise OptionsError(f"{checkpoint_spec} holds {len(checkpoints)} checkpoints; give one")

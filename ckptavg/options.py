@@ -114,6 +114,12 @@ class ReadOptions:
         group="Inputs",
         help="Average in the order given instead of natural order (step_2 before step_10).",
     )
+    master_weights: bool = option(
+        False,
+        group="Inputs",
+        help="DeepSpeed ZeRO-1/2 folders: average the fp32 master weights of the optimizer partitions "
+        "instead of the module's weights (ZeRO-3 folders always give the master weights).",
+    )
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import InputError
+from .deepspeed import is_deepspeed_folder, is_model_states, open_deepspeed_folder, open_model_states
 from .dtypes import TensorInfo
 from .files import HeaderOnlyFile, SafetensorsFile, TorchFile, changed_message, stamp_of
 from .torch_format import TORCH_SUFFIXES
@@ -56,6 +57,9 @@ class CheckpointFile(Protocol):
 
     def get(self, name: str, info: TensorInfo):
         """The stored tensor `name` as a read-only view."""
+
+    # A reader whose tensors lie in pieces (DeepSpeed partitions) also has `get_flat(name, info)`:
+    # the tensor flattened, as `deepspeed.Pieces`, so that the engine assembles one chunk at a time.
 
 
 class Checkpoint:
@@ -129,7 +133,8 @@ class Checkpoint:
         checkpoint known by its headers alone)."""
         if self.path is None:
             return []
-        return [self.path, *sorted({shard.path for shard in self._shards} - {self.path})]
+        given = [] if self.path.is_dir() else [self.path]  # a DeepSpeed folder: its files follow
+        return [*given, *sorted({shard.path for shard in self._shards} - {self.path})]
 
     @property
     def folder(self) -> Path | None:
@@ -164,6 +169,8 @@ class Checkpoint:
         """
         shard, stored = self._where[names[0]]
         if len(names) == 1:
+            if hasattr(shard, "get_flat"):
+                return shard.get_flat(stored, self.tensors[names[0]])
             return shard.get(stored, self.tensors[names[0]]).reshape(-1)
         _, begin, _ = self.byte_range(names[0])
         _, _, end = self.byte_range(names[-1])
@@ -201,15 +208,18 @@ def open_checkpoint(
     strip_prefix: Sequence[str] = (),
     label: str | None = None,
     origin: str | None = None,
+    master_weights: bool = False,
 ) -> Checkpoint:
-    """Open a checkpoint file, or a sharded checkpoint through its `*.index.json`.
+    """Open a checkpoint file, a sharded checkpoint through its `*.index.json`, or a DeepSpeed folder.
 
     Args:
-        path: `.safetensors`, `.pt`/`.pth`/`.bin`/`.ckpt`, or an index of shards of either.
+        path: `.safetensors`, `.pt`/`.pth`/`.bin`/`.ckpt`, an index of shards of either, or a
+            DeepSpeed `global_stepN` folder (see `deepspeed`).
         key: for torch files, where the weights are (e.g. `state_dict_ema`; dotted for nesting);
             default: a flat dict as is, else the first usual key (`state_dict`, `model`, ...).
         strip_prefix: prefixes removed from tensor names, in order (e.g. `module.`).
         label, origin: how the plan and the output's metadata name it (default: the path).
+        master_weights: a DeepSpeed ZeRO-1/2 folder gives its fp32 master weights, not its module.
 
     Reads headers only (safetensors) or maps lazily (torch); tensor data is read by `get`.
 
@@ -218,7 +228,14 @@ def open_checkpoint(
             that could run code, or an index names a shard or tensor that is not there.
     """
     path = Path(path)
-    if path.name.endswith(INDEX_SUFFIX):
+    if path.is_dir() and is_deepspeed_folder(os.listdir(path)):
+        shards = open_deepspeed_folder(path, key, master_weights)
+        checkpoint = Checkpoint(path, shards, None, strip_prefix, label, origin)
+    elif master_weights:
+        raise InputError(
+            f"{path}: `master_weights` reads DeepSpeed checkpoint folders; give a global_stepN folder"
+        )
+    elif path.name.endswith(INDEX_SUFFIX):
         weight_map = _read_weight_map(path)
         shard_paths = []
         for shard_name in dict.fromkeys(weight_map.values()):
@@ -267,7 +284,7 @@ def _open_file(path: Path, key: str | None):
     if _loops(path):
         raise InputError(f"{path}: {_LOOP}; point it at the checkpoint file")
     if path.name.endswith(TORCH_SUFFIXES):
-        return TorchFile(path, key)
+        return open_model_states(path, key) if is_model_states(path.name) else TorchFile(path, key)
     if path.suffix == SAFETENSORS_SUFFIX:
         return SafetensorsFile(path)
     raise InputError(

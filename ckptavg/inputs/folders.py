@@ -1,6 +1,6 @@
 """Which files of a folder make a checkpoint: the Hugging Face layout, trainer state, runs of
-`checkpoint-N` folders, natural order. Names only, so a listing of the Hub and a listing of the
-disk are read the same way; nothing here touches a file system.
+`checkpoint-N` folders, DeepSpeed `global_stepN` folders, natural order. Names only, so a listing
+of the Hub and a listing of the disk are read the same way; nothing here touches a file system.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from ..errors import InputError
+from ..formats.deepspeed import STEP_FOLDERS, is_deepspeed_folder
 from ..formats.readers import INDEX_SUFFIX, SAFETENSORS_SUFFIX
 from ..formats.torch_format import TORCH_SUFFIXES
 
@@ -72,15 +73,22 @@ def checkpoints_in_folder(folder: str, listing: Listing, label: str) -> list[str
     """The checkpoints of a folder, as paths relative to the listing's root.
 
     One checkpoint in the Hugging Face layout (or the folder's only weights
-    file), else each Trainer `checkpoint-N` subfolder in step order.
+    file), else each Trainer `checkpoint-N` subfolder in step order. A DeepSpeed
+    checkpoint is a folder (its files are read together), and a DeepSpeed run
+    (`global_stepN` folders beside the `latest` tag) is each of them in step order.
 
     Raises:
         InputError: no checkpoint, or several candidates and no way to choose.
     """
     files, folders = listing(folder)
+    if is_deepspeed_folder(files):
+        return [folder]
     found = _weights_among(files, label)
     if found is not None:
         return [_join(folder, found)]
+    steps = _deepspeed_steps(folder, folders, listing, label)
+    if steps:
+        return steps
     runs = sorted((f for f in folders if fnmatchcase(f, TRAINER_CHECKPOINT)), key=natural_key)
     if not runs:
         raise InputError(
@@ -90,13 +98,28 @@ def checkpoints_in_folder(folder: str, listing: Listing, label: str) -> list[str
     checkpoints = []
     for run in runs:
         run_label = f"{label.rstrip('/')}/{run}"
-        weights = _weights_among(listing(_join(folder, run))[0], run_label)
-        if weights is None:
+        run_folder = _join(folder, run)
+        run_files, run_folders = listing(run_folder)
+        weights = _weights_among(run_files, run_label)
+        steps = _deepspeed_steps(run_folder, run_folders, listing, run_label) if weights is None else []
+        if weights is None and not steps:
             raise InputError(
-                f"{run_label}: holds no checkpoint (no {', '.join(HF_WEIGHT_NAMES)} or weights file)"
+                f"{run_label}: holds no checkpoint (no {', '.join(HF_WEIGHT_NAMES)}, weights file or "
+                f"DeepSpeed {STEP_FOLDERS} folder)"
             )
-        checkpoints.append(_join(folder, run, weights))
+        checkpoints += [_join(folder, run, weights)] if weights is not None else steps
     return checkpoints
+
+
+def _deepspeed_steps(folder: str, folders: Sequence[str], listing: Listing, label: str) -> list[str]:
+    """A DeepSpeed run's checkpoints: its `global_stepN` folders, in step order."""
+    steps = sorted((f for f in folders if fnmatchcase(f, STEP_FOLDERS)), key=natural_key)
+    for step in steps:
+        if not is_deepspeed_folder(listing(_join(folder, step))[0]):
+            raise InputError(
+                f"{label.rstrip('/')}/{step}: holds no DeepSpeed *_model_states.pt file (a save cut short?)"
+            )
+    return [_join(folder, step) for step in steps]
 
 
 def is_model_side_file(name: str) -> bool:
