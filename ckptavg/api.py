@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .adapters.options import LoraOptions
@@ -44,35 +44,35 @@ if TYPE_CHECKING:
 @contextmanager
 def open_checkpoints(
     specs: Sequence[str | os.PathLike],
+    read: ReadOptions | None = None,
     *,
-    keep_order: bool = False,
-    key: str | None = None,
-    strip_prefix: Sequence[str] = (),
     hub: HubOptions | None = None,
     fetch: bool = True,
-    master_weights: bool = False,
+    **settings,
 ) -> Iterator[list[Checkpoint]]:
     """Resolve specs (files, folders, quoted globs, `hf://` paths) and open each checkpoint.
 
-    `key`, `strip_prefix` and `master_weights` are as in `open_checkpoint`; `hub` says how to reach the
-    Hub (token, cache, offline). Hub inputs are fetched into its cache here, unless
-    `fetch` is False: then Hub safetensors checkpoints not in the cache are opened from
-    their headers, read with range requests, which is enough to plan (`--dry-run`).
+    `read` (or its fields as keywords: `key`, `strip_prefix`, `keep_order`, `weights_name`,
+    `master_weights`) says how; `hub` says how to reach the Hub (token, cache, offline).
+    Hub inputs are fetched into its cache here, unless `fetch` is False: then Hub
+    safetensors checkpoints not in the cache are opened from their headers, read with
+    range requests, which is enough to plan (`dry_run`).
     """
+    read = replace(read or ReadOptions(), **settings)
+    prefixes = read.strip_prefix
+    read = replace(read, strip_prefix=(prefixes,) if isinstance(prefixes, str) else tuple(prefixes))
+    sources = resolve_sources(
+        specs, keep_order=read.keep_order, hub=hub, fetch=fetch, weights_name=read.weights_name
+    )
     with ExitStack() as stack:
-        checkpoints = [
-            stack.enter_context(_open_source(source, key, strip_prefix, master_weights))
-            for source in resolve_sources(specs, keep_order=keep_order, hub=hub, fetch=fetch)
-        ]
+        checkpoints = [stack.enter_context(_open_source(source, read)) for source in sources]
         for checkpoint in checkpoints:
             for path in checkpoint.files:
                 supervision.announce_input(path)  # to name it if it changes under its memory map
         yield checkpoints
 
 
-def _open_source(
-    source: Source, key: str | None, strip_prefix: Sequence[str], master_weights: bool
-) -> Checkpoint:
+def _open_source(source: Source, read: ReadOptions) -> Checkpoint:
     if source.headers is not None:
         headers, weight_map = source.headers
         return open_headers(
@@ -80,15 +80,15 @@ def _open_source(
             label=source.label,
             origin=source.origin,
             weight_map=weight_map,
-            strip_prefix=strip_prefix,
+            strip_prefix=read.strip_prefix,
         )
     return open_checkpoint(
         source.path,
-        key=key,
-        strip_prefix=strip_prefix,
+        key=read.key,
+        strip_prefix=read.strip_prefix,
         label=source.label,
         origin=source.origin,
-        master_weights=master_weights,
+        master_weights=read.master_weights,
     )
 
 
@@ -215,15 +215,7 @@ def average_many(
         raise OptionsError("a BatchNorm pass (`bn`) works with one output at a time; give one `sigma_rel`")
     _refuse_like_last_with_bn(bn, output)
     names = output_names(output.output, schedules)
-    with open_checkpoints(
-        inputs,
-        keep_order=read.keep_order,
-        key=read.key,
-        strip_prefix=read.strip_prefix,
-        hub=hub,
-        fetch=not dry_run,
-        master_weights=read.master_weights,
-    ) as checkpoints:
+    with open_checkpoints(inputs, read, hub=hub, fetch=not dry_run) as checkpoints:
         if (lora is not None and lora.given) or _holds_adapters(checkpoints):
             return _average_adapters(
                 checkpoints,
@@ -263,7 +255,6 @@ def _average_adapters(
     checkpoints, schedules, names, lora, read, output, selection, hub, bn, dry_run, on_plans
 ):
     """`average_many` for LoRA adapters: their factors are never averaged one by one."""
-    from dataclasses import replace
 
     from .adapters.plan import build_adapter_plan
     from .adapters.run import execute as write_adapters
@@ -274,9 +265,7 @@ def _average_adapters(
         base = None
         if lora.base is not None:
             found = stack.enter_context(
-                open_checkpoints(
-                    [lora.base], key=read.key, strip_prefix=read.strip_prefix, hub=hub, fetch=not dry_run
-                )
+                open_checkpoints([lora.base], replace(read, keep_order=False), hub=hub, fetch=not dry_run)
             )
             if len(found) > 1:
                 raise OptionsError(f"`base` {lora.base} holds {len(found)} checkpoints; give one")
@@ -346,14 +335,7 @@ def bn_update(
     if output.output is None and not dry_run:
         raise OptionsError("give an output with `output=PATH` (or check with `dry_run=True`)")
     _refuse_like_last_with_bn(bn, output)
-    with open_checkpoints(
-        [checkpoint_spec],
-        key=read.key,
-        strip_prefix=read.strip_prefix,
-        hub=hub,
-        fetch=not dry_run,
-        master_weights=read.master_weights,
-    ) as checkpoints:
+    with open_checkpoints([checkpoint_spec], read, hub=hub, fetch=not dry_run) as checkpoints:
         if len(checkpoints) > 1:
             raise OptionsError(f"{checkpoint_spec} holds {len(checkpoints)} checkpoints; give one")
         (checkpoint,) = checkpoints

@@ -120,6 +120,13 @@ class ReadOptions:
         help="DeepSpeed ZeRO-1/2 folders: average the fp32 master weights of the optimizer partitions "
         "instead of the module's weights (ZeRO-3 folders always give the master weights).",
     )
+    weights_name: str | None = option(
+        None,
+        group="Inputs",
+        metavar="NAME",
+        help="Folders holding several models' weights (accelerate's model.safetensors and "
+        "model_1.safetensors): the one to average, e.g. model_1.",
+    )
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The per-file readers behind `readers.CheckpointFile`: a safetensors file (header parsed once,
-as safetensors checks it; data from one private map), a torch file (see `torch_format`), and a safetensors file
-known by its header alone (a Hub checkpoint planned before it is downloaded)."""
+as safetensors checks it; data from one private map), a torch file (see `torch_format`), and a
+safetensors file known by its header alone (a Hub checkpoint planned before it is downloaded)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, name_list
 from ..formats.deepspeed import STEP_FOLDERS, is_deepspeed_folder
 from ..formats.readers import INDEX_SUFFIX, SAFETENSORS_SUFFIX
 from ..formats.torch_format import TORCH_SUFFIXES
@@ -30,8 +30,15 @@ HF_CONFIG_NAME = "config.json"
 # A PEFT adapter folder: its config beside its weights (named in order of preference).
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
-# Files a training run keeps next to the weights that are not weights.
-TRAINER_STATE = re.compile(r"^(optimizer|scheduler|scaler|rng_state.*|training_args|trainer_state)\.\w+$")
+# Files a training run keeps next to the weights that are not weights (accelerate numbers them:
+# optimizer_1.bin, random_states_0.pkl).
+TRAINER_STATE = re.compile(
+    r"^(optimizer|scheduler|scaler|sampler|rng_state|random_states|training_args|trainer_state)"
+    r"(_\d+)?\.\w+$"
+)
+# The weights files of one model share a name whatever their format, variant or shard:
+# model.safetensors, pytorch_model.bin, model.fp16.safetensors, model-00001-of-00002.safetensors.
+_SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$")
 TRAINER_CHECKPOINT = "checkpoint-*"
 GLOB_CHARS = re.compile(r"[*?\[]")
 _DIGITS = re.compile(r"(\d+)")
@@ -69,7 +76,16 @@ def natural_key(text: str | os.PathLike) -> list:
     return [(0, int(part), part) if part.isdigit() else (1, part.lower(), part) for part in parts]
 
 
-def checkpoints_in_folder(folder: str, listing: Listing, label: str) -> list[str]:
+def model_name(file_name: str) -> str:
+    """The model a weights file holds: `model_1` for `model_1.safetensors`, `model` for both of
+    transformers' names (`model.safetensors`, `pytorch_model-00001-of-00002.bin`)."""
+    stem = _SHARD_SUFFIX.sub("", file_name.split(".")[0])
+    return "model" if stem == "pytorch_model" else stem
+
+
+def checkpoints_in_folder(
+    folder: str, listing: Listing, label: str, weights_name: str | None = None
+) -> list[str]:
     """The checkpoints of a folder, as paths relative to the listing's root.
 
     One checkpoint in the Hugging Face layout (or the folder's only weights
@@ -77,13 +93,16 @@ def checkpoints_in_folder(folder: str, listing: Listing, label: str) -> list[str
     checkpoint is a folder (its files are read together), and a DeepSpeed run
     (`global_stepN` folders beside the `latest` tag) is each of them in step order.
 
+    `weights_name` picks one model of a folder holding several (`model_1` of accelerate's
+    `model.safetensors` and `model_1.safetensors`).
+
     Raises:
         InputError: no checkpoint, or several candidates and no way to choose.
     """
     files, folders = listing(folder)
     if is_deepspeed_folder(files):
         return [folder]
-    found = _weights_among(files, label)
+    found = _weights_among(files, label, weights_name)
     if found is not None:
         return [_join(folder, found)]
     steps = _deepspeed_steps(folder, folders, listing, label)
@@ -100,7 +119,7 @@ def checkpoints_in_folder(folder: str, listing: Listing, label: str) -> list[str
         run_label = f"{label.rstrip('/')}/{run}"
         run_folder = _join(folder, run)
         run_files, run_folders = listing(run_folder)
-        weights = _weights_among(run_files, run_label)
+        weights = _weights_among(run_files, run_label, weights_name)
         steps = _deepspeed_steps(run_folder, run_folders, listing, run_label) if weights is None else []
         if weights is None and not steps:
             raise InputError(
@@ -131,30 +150,51 @@ def is_model_side_file(name: str) -> bool:
     )
 
 
-def _weights_among(files: Sequence[str], label: str) -> str | None:
-    """The checkpoint among a folder's file names: Hugging Face names first, then a PEFT adapter's,
-    else the only weights file."""
-    for name in HF_WEIGHT_NAMES:
-        if name in files:
-            return name
-    if ADAPTER_CONFIG_NAME in files:
-        for name in ADAPTER_WEIGHT_NAMES:
-            if name in files:
-                return name
-    indexes = sorted(f for f in files if f.endswith(INDEX_SUFFIX))
-    if len(indexes) > 1:
-        raise InputError(f"{label}: holds several shard indexes ({', '.join(indexes)}); pass one of them")
-    if indexes:
-        return indexes[0]
-    weights = sorted(
-        (f for f in files if f.endswith(WEIGHT_SUFFIXES) and not TRAINER_STATE.match(f)), key=natural_key
-    )
-    if len(weights) > 1:
+def _weights_among(files: Sequence[str], label: str, weights_name: str | None) -> str | None:
+    """The checkpoint among a folder's file names: the weights of its one model (or of
+    `weights_name`; a PEFT adapter's `adapter_model` is a model too), in the best form stored."""
+    weights = [
+        f for f in files if f.endswith((*WEIGHT_SUFFIXES, INDEX_SUFFIX)) and not TRAINER_STATE.match(f)
+    ]
+    models: dict[str, list[str]] = {}
+    for name in sorted(weights, key=natural_key):
+        models.setdefault(model_name(name), []).append(name)
+    if weights_name is not None:
+        wanted = model_name(weights_name)
+        if wanted not in models:
+            raise InputError(
+                f"{label}: holds no weights named {weights_name} (it holds {name_list(sorted(models))})"
+            )
+        models = {wanted: models[wanted]}
+    if len(models) > 1:
         raise InputError(
-            f"{label}: holds {len(weights)} weights files and no {HF_WEIGHT_NAMES[0]} or shard index; "
-            f"to average them, pass '{label.rstrip('/')}/*{Path(weights[0]).suffix}'"
+            f"{label}: holds the weights of {len(models)} models ({name_list(list(models))}): "
+            f"take one with `weights_name={next(iter(models))}`, or to average these files as "
+            f"checkpoints, pass '{label.rstrip('/')}/*{Path(weights[0]).suffix}'"
         )
-    return weights[0] if weights else None
+    if not models:
+        return None
+    return _best_form(next(iter(models.values())), label)
+
+
+def _best_form(names: list[str], label: str) -> str:
+    """One model's weights file: safetensors before torch, the index of shards (never one shard),
+    the file without a variant (`model.safetensors`, not `model.fp16.safetensors`) when both exist."""
+    singles = [n for n in names if not _SHARD_SUFFIX.search(n.split(".")[0])]
+    if not singles:
+        raise InputError(f"{label}: holds shards ({names[0]}, ...) but not their {INDEX_SUFFIX} index")
+
+    def preference(name: str) -> tuple:
+        stored = name.removesuffix(INDEX_SUFFIX)
+        return (not stored.endswith(SAFETENSORS_SUFFIX), stored.count(".") - 1, name != stored)
+
+    singles.sort(key=preference)
+    best = [n for n in singles if preference(n) == preference(singles[0])]
+    if len(best) > 1:
+        raise InputError(
+            f"{label}: holds {name_list(best)}, equally good forms of one model; pass the file to use"
+        )
+    return best[0]
 
 
 def _join(*parts: str) -> str:

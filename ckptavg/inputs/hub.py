@@ -65,7 +65,9 @@ class _Checkpoint:
         return f"{HUB_PREFIX}{self.repo_id}@{self.revision.resolved}/{self.weights}"
 
 
-def resolve_hub_specs(specs: Sequence[str], options: HubOptions, *, fetch: bool = True) -> list[list[Source]]:
+def resolve_hub_specs(
+    specs: Sequence[str], options: HubOptions, *, fetch: bool = True, weights_name: str | None = None
+) -> list[list[Source]]:
     """The checkpoints of each `hf://` spec, fetched into the cache: one list of sources per spec.
 
     With `fetch=False`, safetensors checkpoints not yet in the cache are described by
@@ -78,7 +80,7 @@ def resolve_hub_specs(specs: Sequence[str], options: HubOptions, *, fetch: bool 
         located = []
         for spec in specs:
             with hub_errors(spec, options):
-                located.append(_locate(HubSpec.parse(spec), spec, options))
+                located.append(_locate(HubSpec.parse(spec), spec, options, weights_name))
         _check_free_space([ck for found in located for ck in found], options)
         return [
             [
@@ -97,7 +99,7 @@ def _api(options: HubOptions):
     return HfApi(endpoint=options.endpoint, token=options.token)
 
 
-def _locate(hub: HubSpec, spec: str, options: HubOptions) -> list[_Checkpoint]:
+def _locate(hub: HubSpec, spec: str, options: HubOptions, weights_name: str | None) -> list[_Checkpoint]:
     api = _api(options)
     found = []
     for revision in _revisions(api, hub, spec, options):
@@ -114,7 +116,7 @@ def _locate(hub: HubSpec, spec: str, options: HubOptions) -> list[_Checkpoint]:
                 "which is not a commit id (40 lowercase hex digits); refusing it"
             )
         sizes = _files_at(api, hub.repo_id, resolved, spec, options)
-        for weights in _checkpoints_at(hub, sizes, spec, revision):
+        for weights in _checkpoints_at(hub, sizes, spec, revision, weights_name):
             checkpoint = _Checkpoint(hub.repo_id, resolved, weights)
             checkpoint.files = _files_to_fetch(checkpoint, sizes, spec, options)
             found.append(checkpoint)
@@ -198,7 +200,9 @@ def _require_safe(name, spec: str, told: str) -> str:
     return name
 
 
-def _checkpoints_at(hub: HubSpec, sizes: dict[str, int], spec: str, revision) -> list[str]:
+def _checkpoints_at(
+    hub: HubSpec, sizes: dict[str, int], spec: str, revision, weights_name: str | None
+) -> list[str]:
     """The weights files (or indexes) the spec's PATH names at one revision."""
     folders = {str(parent) for path in sizes for parent in PurePosixPath(path).parents if str(parent) != "."}
     listing = _listing(sizes, folders)
@@ -220,7 +224,8 @@ def _checkpoints_at(hub: HubSpec, sizes: dict[str, int], spec: str, revision) ->
         if target in sizes:
             found.append(target)
         else:
-            found.extend(checkpoints_in_folder(target, listing, f"{at}/{target}".rstrip("/")))
+            label = f"{at}/{target}".rstrip("/")
+            found.extend(checkpoints_in_folder(target, listing, label, weights_name))
     return found
 
 

@@ -25,6 +25,7 @@ def resolve_sources(
     keep_order: bool = False,
     hub: HubOptions | None = None,
     fetch: bool = True,
+    weights_name: str | None = None,
 ) -> list[Source]:
     """Expand specs to checkpoint files, in natural order of their labels unless `keep_order`.
 
@@ -34,6 +35,7 @@ def resolve_sources(
         hub: `HubOptions` for `hf://` specs (token, cache folder, offline); default options if None.
         fetch: download Hub checkpoints; if False, Hub safetensors checkpoints that are not
             cached come with their headers only (enough to plan, not to average).
+        weights_name: in folders holding several models' weights, the one to take (`model_1`).
 
     Raises:
         InputError: a path does not exist, a pattern matches nothing, a folder
@@ -50,11 +52,13 @@ def resolve_sources(
             if not matches:
                 raise InputError(f"{spec}: the pattern matches no file or folder")
             for match in matches:
-                sources.extend(Source.local(p) for p in _local_checkpoints(Path(match)))
+                sources.extend(Source.local(p) for p in _local_checkpoints(Path(match), weights_name))
         else:
-            sources.extend(Source.local(p) for p in _local_checkpoints(Path(spec)))
+            sources.extend(Source.local(p) for p in _local_checkpoints(Path(spec), weights_name))
     if hub_specs:
-        resolved = resolve_hub_specs([spec for _, spec in hub_specs], hub or HubOptions(), fetch=fetch)
+        resolved = resolve_hub_specs(
+            [spec for _, spec in hub_specs], hub or HubOptions(), fetch=fetch, weights_name=weights_name
+        )
         for (position, _), found in reversed(list(zip(hub_specs, resolved, strict=True))):
             sources[position:position] = found
     if not sources:
@@ -101,14 +105,15 @@ def _descendants(prefix: str, *, with_files: bool) -> list[str]:
     return found
 
 
-def _local_checkpoints(path: Path) -> list[Path]:
+def _local_checkpoints(path: Path, weights_name: str | None) -> list[Path]:
     if not path.exists():
         if path.is_symlink():
             raise InputError(f"{path}: a symbolic link to nothing (its target is missing, or links loop)")
         raise InputError(f"{path}: no such file or folder")
     if not path.is_dir():
         return [path]
-    return [path / relative for relative in checkpoints_in_folder("", _local_listing(path), str(path))]
+    found = checkpoints_in_folder("", _local_listing(path), str(path), weights_name)
+    return [path / relative for relative in found]
 
 
 def _local_listing(root: Path) -> Listing:

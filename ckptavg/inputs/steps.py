@@ -15,8 +15,13 @@ from pathlib import PurePosixPath
 
 STEP_KEYS = ("global_step", "step", "epoch")
 _NAMED_STEP = re.compile(r"(?:^|[^a-z])(?:global_)?step[_=\-]?(\d+)", re.IGNORECASE)
-_TRAINER = re.compile(r"^checkpoint-(\d+)$")
+_TRAINER = re.compile(r"^checkpoint[-_](\d+)$")  # Trainer's checkpoint-N, accelerate's checkpoint_N
 _TRAILING = re.compile(r"(\d+)$")
+# The names libraries give a model's weights file (or a shard of it): they never say the step.
+_MODEL_FILE = re.compile(
+    r"^(model|pytorch_model|diffusion_pytorch_model|adapter_model|consolidated|mp_rank_\d+_model_states)"
+    r"(-\d{5}-of-\d{5})?$|-\d{5}-of-\d{5}$"
+)
 _INDEX_SUFFIX = ".index.json"
 
 
@@ -27,12 +32,15 @@ def infer_step(label: str, scalars: Mapping[str, float]) -> tuple[int | None, st
         if value is not None and float(value).is_integer() and value >= 0:
             return int(value), f"stored '{key}'"
     path = PurePosixPath(label.removeprefix("hf://"))
-    stem = path.name.removesuffix(_INDEX_SUFFIX).split(".")[0]
-    candidates = [stem]
-    if stem in ("model", "pytorch_model") or stem.startswith(("model-0", "pytorch_model-0")):
-        candidates = [path.parent.name]  # a Hugging Face folder: its name says the step
-    for text in candidates:
-        for pattern in (_NAMED_STEP, _TRAINER, _TRAILING):
+    stem, folder = path.name.removesuffix(_INDEX_SUFFIX).split(".")[0], path.parent.name
+    # A step the name spells out (step_1000, checkpoint-1000), in the file's name or its folder's
+    # (so accelerate's step_N/model_1.safetensors is step N); then a bare number ending the file's
+    # name (model_01000.pt), unless it is a model's own name or a shard's: then the folder's.
+    named = (_NAMED_STEP, _TRAINER)
+    tries = [(stem, named), (folder, named)]
+    tries.append((folder, (_TRAILING,)) if _MODEL_FILE.search(stem) else (stem, (_TRAILING,)))
+    for text, patterns in tries:
+        for pattern in patterns:
             match = pattern.search(text)
             if match:
                 return int(match.group(1)), f"name '{text}'"

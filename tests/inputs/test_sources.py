@@ -58,7 +58,11 @@ class TestResolveSources:
     def test_folder_of_several_files_asks_for_a_pattern(self, tmp_path):
         touch(tmp_path / "a.safetensors")
         touch(tmp_path / "b.safetensors")
-        with pytest.raises(InputError, match=r"holds 2 weights files.*\*\.safetensors"):
+        with pytest.raises(
+            InputError,
+            match=r"holds the weights of 2 models \('a', 'b'\): take one with `weights_name=a`"
+            r".*\*\.safetensors",
+        ):
             resolve_sources([tmp_path])
 
     def test_empty_folder(self, tmp_path):
@@ -97,3 +101,41 @@ class TestLinks:
         weights = touch(tmp_path / "model" / "model.safetensors")
         (tmp_path / "model" / "self").symlink_to("self")
         assert resolve_sources([tmp_path / "model"]) == [weights]
+
+
+class TestOneModelPerFolder:
+    """A folder's files are one model's weights in one or more forms, or several models to choose from."""
+
+    def test_the_same_model_in_two_forms_takes_safetensors(self, tmp_path):
+        best = touch(tmp_path / "m" / "model.safetensors")
+        touch(tmp_path / "m" / "pytorch_model.bin")
+        touch(tmp_path / "m" / "model.fp16.safetensors")
+        assert resolve_sources([tmp_path / "m"]) == [best]
+
+    def test_shards_are_read_through_their_index(self, tmp_path):
+        for i in (1, 2):
+            touch(tmp_path / "m" / f"diffusion_pytorch_model-0000{i}-of-00002.safetensors")
+        index = touch(tmp_path / "m" / "diffusion_pytorch_model.safetensors.index.json")
+        assert resolve_sources([tmp_path / "m"]) == [index]
+        index.unlink()
+        with pytest.raises(InputError, match=r"holds shards .* but not their \.index\.json index"):
+            resolve_sources([tmp_path / "m"])
+
+    def test_accelerate_folders_with_two_models(self, tmp_path):
+        for step in (1, 2):
+            for name in ("model.safetensors", "model_1.safetensors", "optimizer.bin", "optimizer_1.bin"):
+                touch(tmp_path / "run" / f"step_{step}" / name)
+            touch(tmp_path / "run" / f"step_{step}" / "random_states_0.pkl")
+        with pytest.raises(
+            InputError, match=r"step_1: holds the weights of 2 models \('model', 'model_1'\): take one with"
+        ):
+            resolve_sources([str(tmp_path / "run" / "step_*")])
+        second = resolve_sources([str(tmp_path / "run" / "step_*")], weights_name="model_1")
+        assert [p.relative_to(tmp_path / "run").as_posix() for p in second] == [
+            "step_1/model_1.safetensors",
+            "step_2/model_1.safetensors",
+        ]
+        with pytest.raises(
+            InputError, match=r"holds no weights named model_7 \(it holds 'model', 'model_1'\)"
+        ):
+            resolve_sources([tmp_path / "run" / "step_1"], weights_name="model_7")

@@ -29,6 +29,14 @@ class TestInferStep:
             ("ckpts/model_01000.pt", 1000),
             ("hf://org/run@step142000/model.safetensors", 142000),
             ("ckpts/ema.safetensors", None),
+            ("run/step_3/model_1.safetensors", 3),  # accelerate's second model, not step 1
+            ("run/checkpoints/checkpoint_4/model.safetensors", 4),
+            ("run/step_7/diffusion_pytorch_model.safetensors", 7),
+            ("run/step_2/model-00001-of-00002.safetensors", 2),
+            ("run/global_step9", 9),
+            ("ckpts/model-00001-of-00002.safetensors", None),  # a shard's number is not a step
+            ("ckpts/weights-00002-of-00003.safetensors", None),
+            ("run/1500/pytorch_model.bin", 1500),
         ],
     )
     def test_from_the_name(self, label, step):
