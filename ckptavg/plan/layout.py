@@ -15,21 +15,36 @@ from pathlib import Path
 
 from ..errors import OutputError
 from ..formats.readers import Checkpoint
-from ..inputs.folders import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHT_NAMES
+from ..inputs.folders import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHT_NAMES, model_name
 from ..inputs.side_files import allowed_root, find_side_files
 from ..units import parse_size
 from .like_last import LIKE_LAST_SUFFIXES, LikeLast, plan_like_last
 from .tensors import OutputFile, TensorPlan
 
 INDEX_NAME = "model.safetensors.index.json"
-SINGLE_FILE_NAME = "model.safetensors"
-SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
+# A folder output's weights keep the name the last input's library gave them, so its own loader finds
+# them (diffusers looks for diffusion_pytorch_model.safetensors, accelerate for model_1.safetensors).
+_KEPT_MODEL_NAMES = re.compile(r"^(model|diffusion_pytorch_model|model_\d+)$")
+_INDEX_SUFFIX = ".safetensors.index.json"
 TORCH_OUTPUT_SUFFIXES = (".pt", ".pth", ".bin")
 _LIKE_LAST_NAMES = (*TORCH_OUTPUT_SUFFIXES, *LIKE_LAST_SUFFIXES)
 DEFAULT_FOLDER_SHARD_SIZE = "50GB"
 VERSION_KEY = "ckptavg.version"
 COPIED_KEY = "ckptavg.copied"  # the side files a folder output holds, so a later --force knows them
-_SHARD_PATTERN = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_SHARD_PATTERN = re.compile(r"^[\w.]+-\d{5}-of-\d{5}\.safetensors$")
+
+
+def weights_name(checkpoint: Checkpoint) -> str:
+    """What a folder output calls its weights: the last input's model name where a library chose it
+    (`diffusion_pytorch_model`, accelerate's `model_1`), else `model` (transformers' name)."""
+    if checkpoint.path is None:
+        return "model"
+    name = model_name(checkpoint.path.name)
+    return name if _KEPT_MODEL_NAMES.match(name) else "model"
+
+
+def index_name(base: str) -> str:
+    return base + _INDEX_SUFFIX
 
 
 def kept_files(folder: Path, replaced: set[str]) -> list[str]:
@@ -43,15 +58,31 @@ def kept_files(folder: Path, replaced: set[str]) -> list[str]:
 
 def _files_written_by_ckptavg(folder: Path) -> set[str]:
     """The weights, index and copied side files of a ckptavg folder output, as its metadata lists them."""
-    ours = {INDEX_NAME, SINGLE_FILE_NAME, ADAPTER_CONFIG_NAME, *ADAPTER_WEIGHT_NAMES}
+    found = _written_weights(folder)
+    ours = {ADAPTER_CONFIG_NAME, *ADAPTER_WEIGHT_NAMES}
+    if found is not None:
+        ours.add(found.name)
     ours.update(p.name for p in folder.iterdir() if _SHARD_PATTERN.match(p.name))
     metadata = _output_metadata(folder) or {}
     with contextlib.suppress(ValueError, TypeError):
         ours.update(name for name in json.loads(metadata.get(COPIED_KEY, "[]")) if isinstance(name, str))
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))
-        ours.update(v for v in index.get("weight_map", {}).values() if isinstance(v, str))
+    if found is not None and found.name.endswith(_INDEX_SUFFIX):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            index = json.loads(found.read_text(encoding="utf-8"))
+            ours.update(v for v in index.get("weight_map", {}).values() if isinstance(v, str))
     return ours
+
+
+def _written_weights(folder: Path) -> Path | None:
+    """The index or single weights file of a folder output (whatever its model's name), if any."""
+    names = sorted(p.name for p in folder.iterdir())
+    for name in names:
+        if name.endswith(_INDEX_SUFFIX):
+            return folder / name
+    for name in names:
+        if name.endswith(".safetensors") and not _SHARD_PATTERN.match(name):
+            return folder / name
+    return None
 
 
 def check_target(target: Path, *, folder: bool, force: bool) -> None:
@@ -89,18 +120,18 @@ def _written_by_ckptavg(folder: Path) -> bool:
 def _output_metadata(folder: Path) -> dict | None:
     """The metadata of the checkpoint in a folder output (its index's, or its single file's)."""
     try:
-        if (folder / INDEX_NAME).is_file():
-            metadata = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8")).get("metadata", {})
+        found = _written_weights(folder)  # a model's (whatever its name), or an averaged adapter's
+        if found is None or not found.is_file():
+            return None
+        if found.name.endswith(_INDEX_SUFFIX):
+            metadata = json.loads(found.read_text(encoding="utf-8")).get("metadata", {})
             return metadata if isinstance(metadata, dict) else None
-        for name in (SINGLE_FILE_NAME, ADAPTER_WEIGHT_NAMES[0]):  # a model's, or an averaged adapter's
-            if (folder / name).is_file():
-                from safetensors import safe_open
+        from safetensors import safe_open
 
-                with safe_open(folder / name, framework="pt") as f:
-                    return f.metadata() or {}
+        with safe_open(found, framework="pt") as f:
+            return f.metadata() or {}
     except Exception:  # unreadable: not ours to replace
         return None
-    return None
 
 
 @dataclass(frozen=True)
@@ -113,6 +144,7 @@ class Layout:
     wrap_key: str | None = None
     like_last: LikeLast | None = None  # the last input's torch archive with the averages put in place
     files: tuple[OutputFile, ...] = ()
+    index_name: str = INDEX_NAME  # the shard index of a folder output, named after its weights
     shard_size: int | None = None
     extra_files: tuple[Path, ...] = ()  # the last input's config and tokenizer files, for a folder
     extra_root: Path | None = None  # where they may really live (see inputs.side_files)
@@ -173,12 +205,14 @@ def lay_out(
     root = allowed_root(last.folder, last.label) if last.folder is not None else None
     extra_files, skipped = find_side_files(last.folder, root) if root is not None else ([], [])
     limit = parse_size(max_shard_size if max_shard_size is not None else DEFAULT_FOLDER_SHARD_SIZE)
-    files = _shards(tensors, limit)
-    written = {f.name for f in files} | {p.name for p in extra_files} | {INDEX_NAME}
+    base = weights_name(last)
+    files = _shards(tensors, limit, base)
+    written = {f.name for f in files} | {p.name for p in extra_files} | {index_name(base)}
     return Layout(
         target,
         folder=True,
         files=files,
+        index_name=index_name(base),
         shard_size=limit,
         extra_files=tuple(extra_files),
         extra_root=root,
@@ -187,7 +221,7 @@ def lay_out(
     )
 
 
-def _shards(tensors: Sequence[TensorPlan], limit: int) -> tuple[OutputFile, ...]:
+def _shards(tensors: Sequence[TensorPlan], limit: int, base: str) -> tuple[OutputFile, ...]:
     """Tensors in order, cut into files of at most `limit` bytes (a larger tensor gets a file alone)."""
     shards: list[list[TensorPlan]] = [[]]
     size = 0
@@ -199,10 +233,10 @@ def _shards(tensors: Sequence[TensorPlan], limit: int) -> tuple[OutputFile, ...]
         shards[-1].append(tensor)
         size += nbytes
     if len(shards) == 1:
-        return (OutputFile(SINGLE_FILE_NAME, tuple(shards[0])),)
+        return (OutputFile(f"{base}.safetensors", tuple(shards[0])),)
     count = len(shards)
     return tuple(
-        OutputFile(SHARD_NAME.format(index=i, count=count), tuple(s)) for i, s in enumerate(shards, 1)
+        OutputFile(f"{base}-{i:05d}-of-{count:05d}.safetensors", tuple(s)) for i, s in enumerate(shards, 1)
     )
 
 

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 
 from ..errors import plural
 from ..formats.dtypes import user_name
+from ..formats.name_filter import describe_rules
 from ..memory import CHUNK_ELEMENTS
 from ..schedules import effective_count, implied_sigma_rel
 from ..units import format_bytes
-from .layout import INDEX_NAME
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -31,6 +31,8 @@ def describe(plan: Plan) -> list[str]:
         + _implied_sigma_rel(plan)
     )
     lines.append(f"tensors:    {len(plan.tensors)} ({_kinds(plan)})")
+    filtered = [ck.filtered for ck in plan.checkpoints if ck.filtered is not None]
+    lines.extend(f"names:      {line}" for line in describe_rules(filtered))
     lines.extend(
         f"tied:       '{t.name}' = '{t.same_as}' (averaged once, written under both)"
         for t in plan.tensors
@@ -102,7 +104,7 @@ def _writes(plan: Plan) -> list[str]:
         return []
     if plan.folder:
         what = ", ".join(f.name for f in plan.files[:3]) + (", ..." if len(plan.files) > 3 else "")
-        index = f" + {INDEX_NAME}" if len(plan.files) > 1 else ""
+        index = f" + {plan.layout.index_name}" if len(plan.files) > 1 else ""
         lines = [f"writes:     {plan.output}{os.sep} ({plural(len(plan.files), 'file')}: {what}{index})"]
     elif plan.layout.like_last is not None:
         lines = plan.layout.like_last.describe(plan.output)
