@@ -52,15 +52,17 @@ def open_checkpoints(
 ) -> Iterator[list[Checkpoint]]:
     """Resolve specs (files, folders, quoted globs, `hf://` paths) and open each checkpoint.
 
-    `read` (or its fields as keywords: `key`, `strip_prefix`, `keep_order`, `weights_name`,
-    `master_weights`) says how; `hub` says how to reach the Hub (token, cache, offline).
+    `read` (or its fields as keywords: `key`, `strip_prefix`, `include`, `exclude`, `keep_order`,
+    `weights_name`, `master_weights`) says how; `hub` says how to reach the Hub (token, cache, offline).
     Hub inputs are fetched into its cache here, unless `fetch` is False: then Hub
     safetensors checkpoints not in the cache are opened from their headers, read with
     range requests, which is enough to plan (`dry_run`).
     """
     read = replace(read or ReadOptions(), **settings)
-    prefixes = read.strip_prefix
-    read = replace(read, strip_prefix=(prefixes,) if isinstance(prefixes, str) else tuple(prefixes))
+    read = replace(
+        read,
+        **{name: _patterns(getattr(read, name)) for name in ("strip_prefix", "include", "exclude")},
+    )
     sources = resolve_sources(
         specs, keep_order=read.keep_order, hub=hub, fetch=fetch, weights_name=read.weights_name
     )
@@ -72,6 +74,11 @@ def open_checkpoints(
         yield checkpoints
 
 
+def _patterns(value: str | Sequence[str]) -> tuple[str, ...]:
+    """A prefix or pattern given alone, or several, as a tuple."""
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 def _open_source(source: Source, read: ReadOptions) -> Checkpoint:
     if source.headers is not None:
         headers, weight_map = source.headers
@@ -81,6 +88,8 @@ def _open_source(source: Source, read: ReadOptions) -> Checkpoint:
             origin=source.origin,
             weight_map=weight_map,
             strip_prefix=read.strip_prefix,
+            include=read.include,
+            exclude=read.exclude,
         )
     return open_checkpoint(
         source.path,
@@ -89,6 +98,8 @@ def _open_source(source: Source, read: ReadOptions) -> Checkpoint:
         label=source.label,
         origin=source.origin,
         master_weights=read.master_weights,
+        include=read.include,
+        exclude=read.exclude,
     )
 
 
@@ -100,6 +111,8 @@ def average(
     keep_order: bool = False,
     key: str | None = None,
     strip_prefix: Sequence[str] = (),
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
     hub: HubOptions | None = None,
     dtype: str | None = None,
     accum_dtype: str = "float32",
@@ -128,6 +141,9 @@ def average(
             the last input's config files.
         key: for torch files, the dict holding the weights (e.g. `state_dict_ema`).
         strip_prefix: prefixes removed from tensor names (e.g. `["module."]`).
+        include, exclude: `fnmatch` patterns on the tensor names (after `strip_prefix`): average
+            only the tensors an `include` pattern matches, then leave out those an `exclude`
+            pattern matches (e.g. `exclude=["head.*"]`); the plan says what each removed.
         hub: for `hf://` inputs: `HubOptions(token=..., cache_dir=..., offline=...)`.
         dtype: output dtype of floating tensors; default: as in the first checkpoint.
         accum_dtype: `float32`, or `float64` for extra precision.
@@ -157,7 +173,13 @@ def average(
     (plan,) = average_many(
         inputs,
         [schedule],
-        read=ReadOptions(key=key, strip_prefix=tuple(strip_prefix), keep_order=keep_order),
+        read=ReadOptions(
+            key=key,
+            strip_prefix=_patterns(strip_prefix),
+            include=_patterns(include),
+            exclude=_patterns(exclude),
+            keep_order=keep_order,
+        ),
         output=OutputOptions(
             output=os.fspath(out),
             dtype=dtype,

@@ -109,6 +109,22 @@ class ReadOptions:
         repeatable=True,
         help="Remove this prefix from tensor names, e.g. module. (repeatable).",
     )
+    include: tuple[str, ...] = option(
+        (),
+        group="Inputs",
+        metavar="GLOB",
+        repeatable=True,
+        help="Average only the tensors whose names match, e.g. 'backbone.*' (fnmatch, on the names "
+        "after --strip-prefix; repeatable).",
+    )
+    exclude: tuple[str, ...] = option(
+        (),
+        group="Inputs",
+        metavar="GLOB",
+        repeatable=True,
+        help="Leave out the tensors whose names match, e.g. 'head.*' (fnmatch, on the names after "
+        "--strip-prefix and --include; repeatable).",
+    )
     keep_order: bool = option(
         False,
         group="Inputs",

@@ -3,7 +3,9 @@
 - a folder of images, in class subfolders (ImageFolder layout, same order as
   torchvision's `ImageFolder`) or flat, decoded with the usual evaluation
   transform (resize, center crop, normalize), in `workers` processes;
-- a tensor file (`.safetensors`, `.pt`/`.pth`, `.npy`) holding inputs along dim 0;
+- a tensor file holding inputs along dim 0: `.npy`, `.safetensors`, or `.pt`/`.pth` holding
+  a tensor, an `(inputs, targets)` tuple or list, or a dict of tensors (`data_key` picks one),
+  read by torch's weights-only unpickler and mapped;
 - `package.module:callable` returning an iterable of batches.
 
 Unreadable images are skipped and counted (or refused with `strict`); a batch
@@ -17,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, name_list
 from ..options import option
 from .imports import resolve_callable
 
@@ -37,7 +39,8 @@ class DataOptions:
         group="BatchNorm pass",
         metavar="PATH|SPEC",
         help="Data for the BatchNorm pass: an image folder (class subfolders or flat), a tensor file "
-        "(.safetensors, .pt, .npy) or package.module:callable returning batches.",
+        "(.safetensors, .npy, or .pt holding a tensor, an (inputs, targets) tuple or a dict of tensors) "
+        "or package.module:callable returning batches.",
     )
     batch_size: int = option(
         32, group="BatchNorm pass", minimum=1, show_default=True, help="Inputs per batch."
@@ -58,7 +61,10 @@ class DataOptions:
     )
     seed: int = option(0, group="BatchNorm pass", show_default=True, help="Seed for drawing --samples.")
     data_key: str | None = option(
-        None, group="BatchNorm pass", metavar="NAME", help="Tensor files: the tensor holding the inputs."
+        None,
+        group="BatchNorm pass",
+        metavar="NAME",
+        help="Tensor files holding several tensors: the one holding the inputs.",
     )
     image_size: int | None = option(
         None, group="BatchNorm pass", minimum=1, help="Center-crop size [default: 224]."
@@ -287,7 +293,7 @@ def _tensor_batches(path: Path, options: DataOptions) -> Batches:
 
 
 def _load_inputs(path: Path, key: str | None):
-    """The input tensor of a tensor file (mapped, not read whole)."""
+    """The inputs of a tensor file, mapped, not read whole (see `_inputs_in` for the forms)."""
     if path.suffix == ".npy":
         import numpy
 
@@ -295,18 +301,61 @@ def _load_inputs(path: Path, key: str | None):
             return numpy.load(path, mmap_mode="r")
         except (OSError, ValueError) as e:
             raise InputError(f"{path}: not a readable .npy file ({e})") from e
-    from ..formats.readers import open_checkpoint
+    if path.suffix == ".safetensors":
+        from ..formats.readers import open_checkpoint
 
-    with open_checkpoint(path) as checkpoint:
-        names = list(checkpoint.tensors)
-        if key is None and len(names) != 1:
-            raise InputError(
-                f"{path}: holds {len(names)} tensors ({', '.join(names[:5])}); choose one with `data_key`"
-            )
-        name = key or names[0]
-        if name not in checkpoint.tensors:
-            raise InputError(f"{path}: has no tensor '{name}' (it has {', '.join(names[:5])})")
-        return checkpoint.get(name)
+        with open_checkpoint(path) as checkpoint:
+            return _checked(path, checkpoint.get(_chosen(path, list(checkpoint.tensors), key)))
+    from ..formats.torch_format import load_torch_data
+
+    return _checked(path, _inputs_in(path, load_torch_data(path), key))
+
+
+def _inputs_in(path: Path, content: object, key: str | None):
+    """The inputs in what a `.pt` file holds: a tensor (`torch.save(inputs)`), the first of a tuple
+    or list (`(inputs, targets)`), or a dict's tensor (`data_key` chooses among several)."""
+    import torch
+
+    if isinstance(content, torch.Tensor) or (
+        isinstance(content, (tuple, list)) and content and isinstance(content[0], torch.Tensor)
+    ):
+        if key is not None:
+            raise InputError(f"{path}: holds a {type(content).__name__}, not a dict; drop `data_key`")
+        return content if isinstance(content, torch.Tensor) else content[0]
+    if isinstance(content, dict):
+        tensors = {str(k): v for k, v in content.items() if isinstance(v, torch.Tensor)}
+        return tensors[_chosen(path, list(tensors), key)]
+    raise InputError(
+        f"{path}: holds a {type(content).__name__}; a `data` tensor file holds the inputs: a tensor, an "
+        "(inputs, targets) tuple or a dict of tensors"
+    )
+
+
+def _chosen(path: Path, names: list[str], key: str | None) -> str:
+    """`key`, if it is one of the names of a file's tensors, or its only one."""
+    if not names:
+        raise InputError(f"{path}: holds no tensor")
+    if key is None and len(names) != 1:
+        raise InputError(
+            f"{path}: holds {len(names)} tensors ({name_list(names)}); choose one with `data_key`"
+        )
+    name = key or names[0]
+    if name not in names:
+        raise InputError(f"{path}: has no tensor '{name}' (it has {name_list(names)}); check `data_key`")
+    return name
+
+
+def _checked(path: Path, inputs):
+    """Inputs that can be cut into batches along their first dimension."""
+    import torch
+
+    if inputs.layout != torch.strided:
+        raise InputError(
+            f"{path}: the inputs are a {inputs.layout} tensor; save them dense (tensor.to_dense())"
+        )
+    if inputs.dim() == 0:
+        raise InputError(f"{path}: the inputs are a single number; save them along the first dimension")
+    return inputs
 
 
 def _callable_batches(options: DataOptions) -> Batches:

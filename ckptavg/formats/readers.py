@@ -3,7 +3,9 @@
 One `Checkpoint` interface over every layout: a `.safetensors` file, a torch
 file (`.pt .pth .bin .ckpt`), or the shards of either listed by a
 `*.index.json`. Names can have prefixes stripped (`module.`, `model.`), so
-checkpoints saved by different wrappers line up.
+checkpoints saved by different wrappers line up; an `AveragedModel` state is read
+as the model it averages (`averaged_model`); `include`/`exclude` rules choose
+tensors by name (`name_filter`).
 
 safetensors headers are read and validated by `safetensors.safe_open` (offsets
 tile the data, sizes match the file). Data is read from one private memory map
@@ -24,9 +26,11 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import InputError
+from .averaged_model import averaged_model_wrapper
 from .deepspeed import is_deepspeed_folder, is_model_states, open_deepspeed_folder, open_model_states
 from .dtypes import TensorInfo
 from .files import HeaderOnlyFile, SafetensorsFile, TorchFile, changed_message, stamp_of
+from .name_filter import filter_names
 from .torch_format import TORCH_SUFFIXES
 
 INDEX_SUFFIX = ".index.json"
@@ -73,7 +77,9 @@ class Checkpoint:
         tensors: name -> `TensorInfo`, names as averaged (prefixes stripped).
         metadata: string metadata stored with a safetensors checkpoint.
         notes: how the checkpoint was read (key, stripped prefixes, skipped
-            entries, tied tensors), for the plan.
+            entries, an `AveragedModel`'s dropped `n_averaged`), for the plan.
+        filtered: what the `include`/`exclude` rules matched (`name_filter.Filtered`), or None
+            without rules.
         tied: groups of names that share memory in the file.
         scalars: numbers stored with the weights (a torch dict's epoch or metrics, numeric
             safetensors metadata), for steps and selection by metric.
@@ -87,43 +93,65 @@ class Checkpoint:
         strip_prefix: Sequence[str],
         label: str | None = None,
         origin: str | None = None,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
     ):
         self.path = path
         self.label = label or str(path)
         self.origin = origin or self.label
-        self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
-        self.notes: list[str] = []
         self.tied: list[list[str]] = []
         self._shards = list(shards)
-        self._where: dict[str, tuple] = {}
-        stored_of: dict[str, str] = {}
+        chosen = []
         for shard in self._shards:
             self.metadata = self.metadata or shard.metadata
             self.tied += shard.tied
-            for stored, info in shard.tensors.items():
-                if weight_map is not None and weight_map.get(stored) != shard.path.name:
-                    continue
-                name = _strip(stored, strip_prefix)
-                if name in stored_of:
-                    raise InputError(
-                        f"{shard.path}: tensors '{stored_of[name]}' and '{stored}' are both '{name}' "
-                        "after stripping prefixes; strip fewer prefixes"
-                    )
-                stored_of[name] = stored
-                self.tensors[name] = info
-                self._where[name] = (shard, stored)
+            chosen += [
+                (shard, stored, info)
+                for stored, info in shard.tensors.items()
+                if weight_map is None or weight_map.get(stored) == shard.path.name
+            ]
         if weight_map is not None:
-            missing = [stored for stored in weight_map if _strip(stored, strip_prefix) not in self.tensors]
+            present = {stored for _, stored, _ in chosen}
+            missing = [stored for stored in weight_map if stored not in present]
             if missing:
                 raise InputError(
                     f"{self.label}: tensor '{missing[0]}' is not in {weight_map[missing[0]]}"
                     + (f" ({len(missing) - 1} more tensors missing)" if len(missing) > 1 else "")
                 )
-        self.tied = [[_strip(n, strip_prefix) for n in group] for group in self.tied]
-        self.notes = [note for shard in self._shards[:1] for note in shard.notes]
+        wrapper = averaged_model_wrapper({stored: info for _, stored, info in chosen})
+        prefixes = [*strip_prefix]
+        if wrapper is not None:
+            chosen = [entry for entry in chosen if entry[1] not in wrapper.dropped]
+            prefixes = [wrapper.prefix, *prefixes] if wrapper.prefix else prefixes
+        stored_of: dict[str, str] = {}
+        name_of: dict[str, str] = {}
+        used: set[int] = set()
+        for shard, stored, _ in chosen:
+            name = _strip(stored, prefixes, used)
+            if name in stored_of:
+                raise InputError(
+                    f"{shard.path}: tensors '{stored_of[name]}' and '{stored}' are both '{name}' "
+                    "after stripping prefixes; strip fewer prefixes"
+                )
+            stored_of[name], name_of[stored] = stored, name
+        kept, filtered = filter_names(list(stored_of), include, exclude, self.label)
+        self.filtered = filtered if include or exclude else None
+        kept_set = set(kept)
+        self.tensors: dict[str, TensorInfo] = {}
+        self._where: dict[str, tuple] = {}
+        for shard, stored, info in chosen:
+            if name_of[stored] in kept_set:
+                self.tensors[name_of[stored]] = info
+                self._where[name_of[stored]] = (shard, stored)
+        groups = [[name_of[n] for n in group if name_of.get(n) in kept_set] for group in self.tied]
+        self.tied = [group for group in groups if len(group) > 1]
+        self.notes: list[str] = [note for shard in self._shards[:1] for note in shard.notes]
         self.scalars: dict[str, float] = dict(self._shards[0].scalars) if self._shards else {}
-        stripped = [p for p in strip_prefix if any(s.startswith(p) for s in stored_of.values())]
+        if wrapper is not None:
+            self.notes.append(wrapper.note)
+        first_own = len(prefixes) - len(strip_prefix)
+        stripped = [prefixes[i] for i in sorted(used) if i >= first_own]
         if stripped:
             self.notes.append("stripped " + ", ".join(f"'{p}'" for p in stripped))
 
@@ -209,6 +237,8 @@ def open_checkpoint(
     label: str | None = None,
     origin: str | None = None,
     master_weights: bool = False,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
 ) -> Checkpoint:
     """Open a checkpoint file, a sharded checkpoint through its `*.index.json`, or a DeepSpeed folder.
 
@@ -220,17 +250,21 @@ def open_checkpoint(
         strip_prefix: prefixes removed from tensor names, in order (e.g. `module.`).
         label, origin: how the plan and the output's metadata name it (default: the path).
         master_weights: a DeepSpeed ZeRO-1/2 folder gives its fp32 master weights, not its module.
+        include, exclude: `fnmatch` patterns on the names (prefixes stripped): keep only the tensors
+            an `include` pattern matches, then leave out those an `exclude` pattern matches.
 
     Reads headers only (safetensors) or maps lazily (torch); tensor data is read by `get`.
 
     Raises:
         InputError: the file is missing, not a checkpoint ckptavg reads, holds classes
-            that could run code, or an index names a shard or tensor that is not there.
+            that could run code, an index names a shard or tensor that is not there, or the
+            `include`/`exclude` rules leave no tensor.
     """
     path = Path(path)
+    rules = {"include": tuple(include), "exclude": tuple(exclude)}
     if path.is_dir() and is_deepspeed_folder(os.listdir(path)):
         shards = open_deepspeed_folder(path, key, master_weights)
-        checkpoint = Checkpoint(path, shards, None, strip_prefix, label, origin)
+        checkpoint = Checkpoint(path, shards, None, strip_prefix, label, origin, **rules)
     elif master_weights:
         raise InputError(
             f"{path}: `master_weights` reads DeepSpeed checkpoint folders; give a global_stepN folder"
@@ -246,9 +280,9 @@ def open_checkpoint(
                 raise InputError(f"{path}: names shard {shard_name}, which does not exist")
             shard_paths.append(shard)
         shards = [_open_file(shard, key) for shard in shard_paths]
-        checkpoint = Checkpoint(path, shards, weight_map, strip_prefix, label, origin)
+        checkpoint = Checkpoint(path, shards, weight_map, strip_prefix, label, origin, **rules)
     else:
-        checkpoint = Checkpoint(path, [_open_file(path, key)], None, strip_prefix, label, origin)
+        checkpoint = Checkpoint(path, [_open_file(path, key)], None, strip_prefix, label, origin, **rules)
     if not checkpoint.tensors:
         raise InputError(f"{path}: holds no tensors")
     return checkpoint
@@ -261,6 +295,8 @@ def open_headers(
     origin: str,
     weight_map: dict[str, str] | None = None,
     strip_prefix: Sequence[str] = (),
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
 ) -> Checkpoint:
     """A checkpoint known by its safetensors headers only (file name -> (tensors, metadata)).
 
@@ -268,7 +304,7 @@ def open_headers(
     reading a tensor raises.
     """
     shards = [HeaderOnlyFile(name, label, tensors, metadata) for name, (tensors, metadata) in headers.items()]
-    return Checkpoint(None, shards, weight_map, strip_prefix, label, origin)
+    return Checkpoint(None, shards, weight_map, strip_prefix, label, origin, tuple(include), tuple(exclude))
 
 
 def _loops(path: Path) -> bool:
@@ -292,10 +328,12 @@ def _open_file(path: Path, key: str | None):
     )
 
 
-def _strip(name: str, prefixes: Sequence[str]) -> str:
-    for prefix in prefixes:
+def _strip(name: str, prefixes: Sequence[str], used: set[int]) -> str:
+    """`name` with each prefix removed in turn; adds to `used` the index of each one removed."""
+    for i, prefix in enumerate(prefixes):
         if name.startswith(prefix):
             name = name[len(prefix) :]
+            used.add(i)
     return name
 
 

@@ -113,6 +113,18 @@ def read_torch_archive(path: Path) -> TorchArchive:
         return TorchArchive(path)
 
 
+def load_torch_data(path: Path) -> object:
+    """Whatever a torch file holds (a tensor, a tuple, a dict, ...), unpickled by torch's weights-only
+    unpickler with only the data-only classes allowed; its tensors mapped from the file (a legacy,
+    pre-1.6 file is read whole).
+
+    Raises:
+        InputError: the file is missing, not a torch file, or needs classes that could run code.
+    """
+    with _loading(path, resave="the tensors alone, e.g. torch.save(inputs, 'inputs.pt')"):
+        return _load_mapped(path) if is_zip_archive(path) else _load_legacy(path)
+
+
 def _with_numbers_read(archive: TorchArchive) -> object:
     """The archive's top level with its one-element tensors (a step, a metric) read from the file."""
     import torch
@@ -166,8 +178,11 @@ def _not_on_cpu(tensor) -> str | None:
 
 
 @contextlib.contextmanager
-def _loading(path: Path):
-    """Read a torch file with only the data-only classes allowed; any failure becomes one `InputError`."""
+def _loading(
+    path: Path, resave: str = "the weights alone, e.g. torch.save(model.state_dict(), 'weights.pt')"
+):
+    """Read a torch file with only the data-only classes allowed; any failure becomes one `InputError`
+    (saying to save `resave` instead, for a file that needs other classes)."""
     import torch
 
     try:
@@ -184,8 +199,8 @@ def _loading(path: Path):
         if unsafe:
             raise InputError(
                 f"{path}: refused: loading it needs {', '.join(unsafe)}, which could run code; ckptavg "
-                "loads only plain weights (torch.load weights_only=True). Re-save the weights alone, "
-                "e.g. torch.save(model.state_dict(), 'weights.pt'), or convert them to safetensors"
+                f"loads only plain data (torch.load weights_only=True). Re-save {resave}, or convert "
+                "them to safetensors"
             ) from e
         raise InputError(
             f"{path}: not a readable torch checkpoint (damaged, or not saved by torch.save)"

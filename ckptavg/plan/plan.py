@@ -16,8 +16,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import __version__
-from ..errors import MismatchError, OutputError, name_list, plural
+from ..errors import InputError, MismatchError, OutputError, name_list, plural
 from ..formats import dtypes
+from ..formats.name_filter import unmatched_rules
 from ..formats.readers import Checkpoint
 from ..formats.safetensors_header import layout_order
 from ..inputs.duplicates import duplicate_warnings
@@ -226,6 +227,7 @@ def build_plan(
 
     Raises:
         MismatchError: the checkpoints do not hold the same tensors with the same shapes.
+        InputError: a checkpoint holds no weights (its floating tensors are empty, or it has none).
         OutputError: the output exists (without `force`), is an input, or cannot be laid out.
         ScheduleError: the schedule does not fit the number of checkpoints.
     """
@@ -245,12 +247,17 @@ def build_plan(
         checkpoints = [checkpoints[i] for i in kept]
         found, sources = [found[i] for i in kept], [sources[i] for i in kept]
     weights = schedule.weights(len(checkpoints), found)
+    _check_holds_weights(checkpoints)
     _check_same_model(checkpoints)
     accum = _dtype_name(options.accum_dtype, "`accum_dtype`")
     if accum not in ("F32", "F64"):
         raise OutputError(f"`accum_dtype` must be float32 or float64, got {options.accum_dtype}")
     tensors = _output_tensors(checkpoints, _dtype_name(options.dtype, "`dtype`") if options.dtype else None)
-    warnings = [*schedule.warnings(len(checkpoints)), *duplicate_warnings(checkpoints)]
+    warnings = [
+        *schedule.warnings(len(checkpoints)),
+        *duplicate_warnings(checkpoints),
+        *unmatched_rules([ck.filtered for ck in checkpoints if ck.filtered is not None]),
+    ]
     if len(checkpoints) == 1:
         warnings.append(f"only one checkpoint ({checkpoints[0].label}): the output is a copy of it")
     layout = None
@@ -308,6 +315,35 @@ def _tied_in_every_input(checkpoints: Sequence[Checkpoint]) -> dict[str, str]:
         groups = {tuple(group) for group in ck.tied}
         common = groups if common is None else common & groups
     return {name: group[0] for group in sorted(common or ()) for name in group[1:]}
+
+
+def _check_holds_weights(checkpoints: Sequence[Checkpoint]) -> None:
+    """Refuse a hollow average: an input whose floating tensors are all empty beside inputs that hold
+    weights (a placeholder saved without its values), or inputs whose floating tensors hold no value."""
+    holding = [ck for ck in checkpoints if _parameters(ck)]
+    for ck in checkpoints:
+        floating = [name for name, info in ck.tensors.items() if info.is_floating]
+        if _parameters(ck) or (holding and not floating):  # no floating tensor: not the same model
+            continue
+        selected = " left by `include`/`exclude`" if ck.filtered is not None else ""
+        if floating:
+            are = "is" if len(floating) == 1 else "are"
+            count = plural(len(floating), "floating tensor")
+            what = f"its {count}{selected} {are} empty ({name_list(floating)})"
+        else:
+            others = plural(len(ck.tensors), "integer or bool tensor")
+            what = f"it has no floating tensor{selected}, only {others}"
+        if holding:
+            beside = f", while {holding[0].label} holds {_parameters(holding[0]):,} parameters"
+            fix = "it may be a placeholder saved without its values; average the files that hold the weights"
+        else:
+            beside, fix = "", "there is nothing to average"
+        raise InputError(f"{ck.label}: holds no weights: {what}{beside}; {fix}")
+
+
+def _parameters(checkpoint: Checkpoint) -> int:
+    """The values its floating tensors hold."""
+    return sum(info.numel for info in checkpoint.tensors.values() if info.is_floating)
 
 
 def _check_same_model(checkpoints: Sequence[Checkpoint]) -> None:

@@ -296,3 +296,103 @@ class TestCommandLine:
         )
         assert result.exit_code == 1
         assert result.output.strip().count("\n") == 0 and "no BatchNorm layer" in result.output
+
+
+def bn_inputs():
+    return torch.randn(20, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+TARGETS = torch.arange(20) % 10
+# What people save with torch.save, and the --data-key each needs.
+SAVED_FORMS = {
+    "bare tensor": (lambda x: x, None),
+    "(inputs, targets) tuple": (lambda x: (x, TARGETS), None),
+    "[inputs, targets] list": (lambda x: [x, TARGETS], None),
+    "dict of one tensor": (lambda x: {"images": x, "note": "val split"}, None),
+    "dict of several": (lambda x: {"targets": TARGETS, "images": x}, "images"),
+}
+
+
+class TestTensorFileForms:
+    @pytest.mark.parametrize("form", SAVED_FORMS)
+    def test_each_form_through_bn_update(self, tmp_path, weights, form):
+        make, key = SAVED_FORMS[form]
+        inputs = bn_inputs()
+        torch.save(make(inputs), tmp_path / "inputs.pt")
+        result = bn_update(
+            weights,
+            tmp_path / "inputs.pt",
+            *(("--data-key", key) if key else ()),
+            *("--batch-size", "6", "-o", tmp_path / "out.safetensors"),
+        )
+        assert result.exit_code == 0, result.output
+        assert "over 20 inputs in 4 batches" in result.output
+        expected = expected_statistics(weights, list(inputs.split(6)))
+        assert_statistics_match(load_file(tmp_path / "out.safetensors"), expected, load_file(weights))
+
+    def test_a_legacy_file_and_a_mapped_one(self, tmp_path):
+        from ckptavg.bn.data import _load_inputs
+
+        inputs = bn_inputs()
+        torch.save(inputs, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+        assert torch.equal(_load_inputs(tmp_path / "legacy.pt", None), inputs)
+        torch.save((inputs, TARGETS), tmp_path / "mapped.pt")
+        loaded = _load_inputs(tmp_path / "mapped.pt", None)
+        with open("/proc/self/maps") as maps:  # the inputs are a map of the file, not a copy
+            assert str(tmp_path / "mapped.pt") in maps.read()
+        assert torch.equal(loaded, inputs)
+
+    @pytest.mark.parametrize(
+        ("content", "options", "message"),
+        [
+            (
+                {"targets": TARGETS, "images": bn_inputs()},
+                (),
+                "holds 2 tensors ('targets', 'images'); choose one with --data-key",
+            ),
+            (
+                {"images": bn_inputs()},
+                ("--data-key", "x"),
+                "has no tensor 'x' (it has 'images'); check --data-key",
+            ),
+            ((bn_inputs(), TARGETS), ("--data-key", "images"), "holds a tuple, not a dict; drop --data-key"),
+            (torch.tensor(1.0), (), "the inputs are a single number"),
+            ({"step": 3}, (), "holds no tensor"),
+            ("a string", (), "holds a str; a --data tensor file holds the inputs"),
+            (
+                torch.utils.data.TensorDataset(bn_inputs()),
+                (),
+                "torch.utils.data.dataset.TensorDataset, which could run code",
+            ),
+        ],
+        ids=["several", "missing key", "key for a tuple", "scalar", "no tensor", "str", "pickled class"],
+    )
+    def test_refusals_are_one_line(self, tmp_path, weights, content, options, message):
+        torch.save(content, tmp_path / "inputs.pt")
+        result = bn_update(weights, tmp_path / "inputs.pt", *options, "-o", tmp_path / "out.safetensors")
+        assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+        assert message in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "out.safetensors").exists()
+
+    def test_swa_with_bn_data_reads_a_bare_tensor(self, tmp_path, weights):
+        inputs = bn_inputs()
+        torch.save(inputs, tmp_path / "inputs.pt")
+        result = CliRunner().invoke(
+            main,
+            [
+                *(
+                    "swa",
+                    str(weights),
+                    str(weights),
+                    "--model",
+                    MODEL,
+                    "--model-kwargs",
+                    '{"num_classes": 10}',
+                ),
+                *("--bn-data", str(tmp_path / "inputs.pt"), "--batch-size", "6"),
+                *("-o", str(tmp_path / "out.safetensors")),
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        expected = expected_statistics(weights, list(inputs.split(6)))
+        assert_statistics_match(load_file(tmp_path / "out.safetensors"), expected, load_file(weights))
