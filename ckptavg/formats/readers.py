@@ -27,6 +27,7 @@ from typing import Protocol
 
 from ..errors import InputError
 from .averaged_model import averaged_model_wrapper
+from .dcp import is_dcp_folder, open_dcp_folder
 from .deepspeed import is_deepspeed_folder, is_model_states, open_deepspeed_folder, open_model_states
 from .dtypes import TensorInfo
 from .files import HeaderOnlyFile, SafetensorsFile, TorchFile, changed_message, stamp_of
@@ -240,13 +241,15 @@ def open_checkpoint(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
 ) -> Checkpoint:
-    """Open a checkpoint file, a sharded checkpoint through its `*.index.json`, or a DeepSpeed folder.
+    """Open a checkpoint file, a sharded checkpoint through its `*.index.json`, a DeepSpeed folder,
+    or a torch.distributed.checkpoint (DCP) folder.
 
     Args:
         path: `.safetensors`, `.pt`/`.pth`/`.bin`/`.ckpt`, an index of shards of either, or a
-            DeepSpeed `global_stepN` folder (see `deepspeed`).
+            DeepSpeed `global_stepN` folder (see `deepspeed`), or a DCP folder (see `dcp`).
         key: for torch files, where the weights are (e.g. `state_dict_ema`; dotted for nesting);
             default: a flat dict as is, else the first usual key (`state_dict`, `model`, ...).
+            For DCP folders, the nested state dict of the model (default: `model`, else the top level).
         strip_prefix: prefixes removed from tensor names, in order (e.g. `module.`).
         label, origin: how the plan and the output's metadata name it (default: the path).
         master_weights: a DeepSpeed ZeRO-1/2 folder gives its fp32 master weights, not its module.
@@ -262,7 +265,9 @@ def open_checkpoint(
     """
     path = Path(path)
     rules = {"include": tuple(include), "exclude": tuple(exclude)}
-    if path.is_dir() and is_deepspeed_folder(os.listdir(path)):
+    if path.is_dir() and is_dcp_folder(os.listdir(path)) and not master_weights:
+        checkpoint = Checkpoint(path, open_dcp_folder(path, key), None, strip_prefix, label, origin, **rules)
+    elif path.is_dir() and is_deepspeed_folder(os.listdir(path)):
         shards = open_deepspeed_folder(path, key, master_weights)
         checkpoint = Checkpoint(path, shards, None, strip_prefix, label, origin, **rules)
     elif master_weights:

@@ -76,8 +76,10 @@ class StoredTensor:
     end: int
 
 
-def read_header(path, file) -> tuple[dict[str, StoredTensor], dict[str, str]]:
-    """The tensors and metadata of an open safetensors file, checked as safetensors checks them.
+def read_header(path, file, start: int = 0) -> tuple[dict[str, StoredTensor], dict[str, str]]:
+    """The tensors and metadata of an open safetensors file, checked as safetensors checks them
+    (one that starts `start` bytes into the file and runs to its end, such as DCP writes; its
+    offsets are then relative to `start`).
 
     One parse, by the rules safetensors applies when it opens a file (header length,
     UTF-8 JSON object, string metadata, integer shapes and offsets, tensors tiling the
@@ -88,7 +90,8 @@ def read_header(path, file) -> tuple[dict[str, StoredTensor], dict[str, str]]:
     Raises:
         InputError: the file is not a readable safetensors file, naming what is wrong.
     """
-    size = os.fstat(file.fileno()).st_size
+    size = os.fstat(file.fileno()).st_size - start
+    file.seek(start)
 
     def damaged(reason: str) -> InputError:
         return InputError(f"{path}: not a readable safetensors file ({reason})")

@@ -1,5 +1,6 @@
 """Which files of a folder make a checkpoint: the Hugging Face layout, trainer state, runs of
-`checkpoint-N` folders, DeepSpeed `global_stepN` folders, natural order. Names only, so a listing
+`checkpoint-N` folders, DeepSpeed `global_stepN` folders, DCP folders and runs of them, natural
+order. Names only, so a listing
 of the Hub and a listing of the disk are read the same way; nothing here touches a file system.
 """
 
@@ -13,6 +14,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from ..errors import InputError, name_list
+from ..formats.dcp import is_dcp_folder
 from ..formats.deepspeed import STEP_FOLDERS, is_deepspeed_folder
 from ..formats.readers import INDEX_SUFFIX, SAFETENSORS_SUFFIX
 from ..formats.torch_format import TORCH_SUFFIXES
@@ -40,6 +42,8 @@ TRAINER_STATE = re.compile(
 # model.safetensors, pytorch_model.bin, model.fp16.safetensors, model-00001-of-00002.safetensors.
 _SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$")
 TRAINER_CHECKPOINT = "checkpoint-*"
+# The step folders of runs saved as DCP: torchtitan's step-N, Megatron's iter_NNNNNNN, Trainer's checkpoint-N.
+DCP_STEP_FOLDERS = ("step-*", "step_*", "iter_*", TRAINER_CHECKPOINT)
 GLOB_CHARS = re.compile(r"[*?\[]")
 _DIGITS = re.compile(r"(\d+)")
 
@@ -91,7 +95,9 @@ def checkpoints_in_folder(
     One checkpoint in the Hugging Face layout (or the folder's only weights
     file), else each Trainer `checkpoint-N` subfolder in step order. A DeepSpeed
     checkpoint is a folder (its files are read together), and a DeepSpeed run
-    (`global_stepN` folders beside the `latest` tag) is each of them in step order.
+    (`global_stepN` folders beside the `latest` tag) is each of them in step order;
+    so is a DCP checkpoint (`.metadata` beside `*.distcp`), and a run of them (`step-N`,
+    `iter_N` or `checkpoint-N` folders).
 
     `weights_name` picks one model of a folder holding several (`model_1` of accelerate's
     `model.safetensors` and `model_1.safetensors`).
@@ -100,12 +106,12 @@ def checkpoints_in_folder(
         InputError: no checkpoint, or several candidates and no way to choose.
     """
     files, folders = listing(folder)
-    if is_deepspeed_folder(files):
+    if is_deepspeed_folder(files) or is_dcp_folder(files):
         return [folder]
     found = _weights_among(files, label, weights_name)
     if found is not None:
         return [_join(folder, found)]
-    steps = _deepspeed_steps(folder, folders, listing, label)
+    steps = _deepspeed_steps(folder, folders, listing, label) or _dcp_steps(folder, folders, listing)
     if steps:
         return steps
     runs = sorted((f for f in folders if fnmatchcase(f, TRAINER_CHECKPOINT)), key=natural_key)
@@ -128,6 +134,14 @@ def checkpoints_in_folder(
             )
         checkpoints += [_join(folder, run, weights)] if weights is not None else steps
     return checkpoints
+
+
+def _dcp_steps(folder: str, folders: Sequence[str], listing: Listing) -> list[str]:
+    """A run's DCP checkpoints: its step folders (`step-N`, `iter_N`, `checkpoint-N`) that hold one,
+    in step order."""
+    steps = [f for f in folders if any(fnmatchcase(f, pattern) for pattern in DCP_STEP_FOLDERS)]
+    found = [step for step in steps if is_dcp_folder(listing(_join(folder, step))[0])]
+    return [_join(folder, step) for step in sorted(found, key=natural_key)]
 
 
 def _deepspeed_steps(folder: str, folders: Sequence[str], listing: Listing, label: str) -> list[str]:
