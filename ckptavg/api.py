@@ -118,6 +118,7 @@ def average(
     accum_dtype: str = "float32",
     device: str = "cpu",
     max_shard_size: int | str | None = None,
+    format: str | None = None,
     force: bool = False,
     wrap_key: str | None = None,
     like_last: bool = False,
@@ -149,6 +150,7 @@ def average(
         accum_dtype: `float32`, or `float64` for extra precision.
         device: `cpu`, `cuda`, `cuda:N` or `auto`; where the sums are computed.
         max_shard_size: largest output file, e.g. `"5GB"` (folder outputs).
+        format: `"dcp"` writes the output folder as a torch.distributed.checkpoint.
         force: replace an existing output.
         wrap_key: for a torch output, save `{wrap_key: state_dict}`.
         like_last: for a torch output, write the last input's checkpoint (a torch zip archive)
@@ -184,6 +186,7 @@ def average(
             output=os.fspath(out),
             dtype=dtype,
             max_shard_size=max_shard_size,
+            format=format,
             wrap_key=wrap_key,
             like_last=like_last,
             force=force,

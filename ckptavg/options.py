@@ -170,6 +170,13 @@ class OutputOptions:
         help="Largest output file, e.g. 5GB; writes Hugging Face shards into a folder "
         "[default for a folder: 50GB].",
     )
+    format: str | None = option(
+        None,
+        group="Output",
+        choices=("safetensors", "dcp"),
+        help="dcp: write the output folder as a torch.distributed.checkpoint that dcp.load reads (the "
+        "model's tensors under the inputs' keys) [default: from the output's name].",
+    )
     wrap_key: str | None = option(
         None,
         group="Output",

@@ -1,7 +1,7 @@
-"""The output's layout: one file, a torch file (or the last input's own archive, `like_last`), or a
-Hugging Face folder of shards; and whether the target may be written at all (never an input, never
-a folder ckptavg did not write, replaced only with force, keeping the files a user added to an old
-folder output)."""
+"""The output's layout: one file, a torch file (or the last input's own archive, `like_last`), a
+Hugging Face folder of shards, or a DCP folder; and whether the target may be written at all (never
+an input, never a folder ckptavg did not write, replaced only with force, keeping the files a user
+added to an old folder output)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OutputError
+from ..formats.dcp import METADATA_NAME, DcpCheckpoint
+from ..formats.dcp_metadata import read_metadata
 from ..formats.readers import Checkpoint
 from ..inputs.folders import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHT_NAMES, model_name
 from ..inputs.side_files import allowed_root, find_side_files
@@ -31,6 +33,8 @@ _LIKE_LAST_NAMES = (*TORCH_OUTPUT_SUFFIXES, *LIKE_LAST_SUFFIXES)
 DEFAULT_FOLDER_SHARD_SIZE = "50GB"
 VERSION_KEY = "ckptavg.version"
 COPIED_KEY = "ckptavg.copied"  # the side files a folder output holds, so a later --force knows them
+DCP_DATA_NAME = "__0_0.distcp"  # a DCP output's one data file, named as DCP names rank 0's
+DCP_PROVENANCE_KEY = "ckptavg"  # a DCP output's bytes item holding the provenance
 _SHARD_PATTERN = re.compile(r"^[\w.]+-\d{5}-of-\d{5}\.safetensors$")
 
 
@@ -59,7 +63,7 @@ def kept_files(folder: Path, replaced: set[str]) -> list[str]:
 def _files_written_by_ckptavg(folder: Path) -> set[str]:
     """The weights, index and copied side files of a ckptavg folder output, as its metadata lists them."""
     found = _written_weights(folder)
-    ours = {ADAPTER_CONFIG_NAME, *ADAPTER_WEIGHT_NAMES}
+    ours = {ADAPTER_CONFIG_NAME, *ADAPTER_WEIGHT_NAMES, METADATA_NAME, DCP_DATA_NAME}
     if found is not None:
         ours.add(found.name)
     ours.update(p.name for p in folder.iterdir() if _SHARD_PATTERN.match(p.name))
@@ -120,6 +124,9 @@ def _written_by_ckptavg(folder: Path) -> bool:
 def _output_metadata(folder: Path) -> dict | None:
     """The metadata of the checkpoint in a folder output (its index's, or its single file's)."""
     try:
+        if (folder / METADATA_NAME).is_file():  # a DCP output: its provenance is a bytes item
+            written = DCP_PROVENANCE_KEY in read_metadata(folder / METADATA_NAME).others
+            return {VERSION_KEY: "dcp"} if written else None
         found = _written_weights(folder)  # a model's (whatever its name), or an averaged adapter's
         if found is None or not found.is_file():
             return None
@@ -143,6 +150,8 @@ class Layout:
     torch_output: bool = False
     wrap_key: str | None = None
     like_last: LikeLast | None = None  # the last input's torch archive with the averages put in place
+    dcp: bool = False  # a torch.distributed.checkpoint folder
+    dcp_key: str | None = None  # the nested state dict its tensors go under (the last input's)
     files: tuple[OutputFile, ...] = ()
     index_name: str = INDEX_NAME  # the shard index of a folder output, named after its weights
     shard_size: int | None = None
@@ -161,14 +170,21 @@ def lay_out(
     max_shard_size: int | str | None,
     wrap_key: str | None,
     like_last: bool = False,
+    format: str | None = None,
 ) -> Layout:
     """The layout of an output of `tensors` at `output`, once the target is seen to be writable.
+
+    `format="dcp"` (or a folder holding a DCP output ckptavg wrote) writes a DCP folder.
 
     Raises:
         OutputError: the name does not say a format, the target is an input, or it may not be replaced.
     """
     text = os.fspath(output)
     target = Path(text)
+    if format not in (None, "safetensors", "dcp"):
+        raise OutputError(f"`format` must be safetensors or dcp, got {format}")
+    if format == "dcp" or (format is None and _written_as_dcp(target)):
+        return _dcp_layout(checkpoints, tensors, target, force, max_shard_size, wrap_key, like_last)
     folder = text.endswith(("/", os.sep)) or target.is_dir()
     implied = None if like_last else next((s for s in LIKE_LAST_SUFFIXES if text.endswith(s)), None)
     like = like_last or implied is not None
@@ -218,6 +234,33 @@ def lay_out(
         extra_root=root,
         kept=tuple(kept_files(target, written)) if target.is_dir() else (),
         warnings=tuple(skipped),
+    )
+
+
+def _written_as_dcp(target: Path) -> bool:
+    return target.is_dir() and (target / METADATA_NAME).is_file() and _written_by_ckptavg(target)
+
+
+def _dcp_layout(
+    checkpoints, tensors, target: Path, force: bool, max_shard_size, wrap_key, like_last
+) -> Layout:
+    """A DCP folder: one data file, the tensors under the last input's nested state dict, if any."""
+    given = next(
+        (name for name, value in (("max_shard_size", max_shard_size), ("wrap_key", wrap_key)) if value), None
+    )
+    if given or like_last:
+        raise OutputError(f"{target}: `format=dcp` writes a DCP folder; leave out `{given or 'like_last'}`")
+    _refuse_input_as_output(checkpoints, target, True)
+    check_target(target, folder=True, force=force)
+    last = checkpoints[-1]
+    file = last.file_of(next(iter(last.tensors)))[0] if last.tensors else None
+    return Layout(
+        target,
+        folder=True,
+        dcp=True,
+        dcp_key=file.key if isinstance(file, DcpCheckpoint) else None,
+        files=(OutputFile(DCP_DATA_NAME, tuple(tensors)),),
+        kept=tuple(kept_files(target, {DCP_DATA_NAME, METADATA_NAME})) if target.is_dir() else (),
     )
 
 

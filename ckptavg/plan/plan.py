@@ -219,7 +219,7 @@ def build_plan(
         checkpoints: opened inputs, in averaging order (oldest first).
         schedule: the method, e.g. `schedules.ema(0.99)`.
         options: the output and how it is computed (`OutputOptions`: output, dtype,
-            accum_dtype, max_shard_size, force, wrap_key, like_last, nonfinite, steps); `device` is
+            accum_dtype, max_shard_size, format, force, wrap_key, like_last, nonfinite, steps); `device` is
             the executor's. No output: a plan to report, not to carry out.
         selection: which checkpoints to keep, e.g. `Selection(last=5)`.
         settings: `OutputOptions` fields given one by one instead, or over `options`
@@ -270,6 +270,7 @@ def build_plan(
             max_shard_size=options.max_shard_size,
             wrap_key=wrap_key,
             like_last=options.like_last,
+            format=options.format,
         )
         warnings.extend(layout.warnings)
     elif wrap_key is not None or options.like_last:

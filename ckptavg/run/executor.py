@@ -20,6 +20,7 @@ from ..plan.plan import Plan
 from ..plan.spans import spans
 from ..plan.tensors import OutputFile
 from . import interrupts
+from .dcp_writer import DcpWriter
 from .torch_like import LikeLastWriter
 from .transaction import OutputTransaction
 
@@ -137,8 +138,12 @@ def _space_needed(plan: Plan) -> int:
 def _file_writer(
     plan: Plan, output: OutputTransaction, file: OutputFile, stream: Path | None, metadata: dict
 ):
-    """The writer of one output file: safetensors (a torch output's scratch file, for one), or a
-    copy of the last input's archive with the averages put in place."""
+    """The writer of one output file: safetensors (a torch output's scratch file, for one), a
+    copy of the last input's archive with the averages put in place, or a DCP folder's data."""
+    if plan.layout.dcp:
+        entries = [t.entry for t in file.tensors]
+        writer = DcpWriter(output.path_of(file.name), entries, metadata, plan.layout.dcp_key, plan.output)
+        return output.track(writer)
     if plan.layout.like_last is not None:
         return output.track(LikeLastWriter(output.path_of(file.name), plan.layout.like_last, plan.output))
     return output.safetensors(file.name, [t.entry for t in file.tensors], metadata, path=stream)

@@ -178,3 +178,23 @@ def test_a_chunk_that_disagrees_with_the_metadata(runs, tmp_path):
         InputError, match=r"tensor '0\.weight' \(chunk at \[0, 0\]\): holds a torch\.float32 tensor"
     ):
         open_checkpoint(folder)
+
+
+@pytest.mark.parametrize("layout", ["titan", "nested"])
+def test_a_dcp_output_loads_back_with_dcp_load(runs, layout, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    ckptavg.average([runs[2] / layout], ckptavg.swa(), tmp_path / "swa.safetensors")
+    ckptavg.average([runs[2] / layout], ckptavg.swa(), tmp_path / "swa", format="dcp")
+    wanted = load_file(tmp_path / "swa.safetensors")
+    fresh = {name: torch.zeros_like(value) for name, value in wanted.items()}
+    state = {"model": fresh} if layout == "nested" else fresh  # under the inputs' keys
+    dcp.load(state, checkpoint_id=tmp_path / "swa")
+    for name, value in wanted.items():
+        assert torch.equal(fresh[name], value)
+    with open_checkpoint(tmp_path / "swa") as ck:  # and ckptavg reads it as an input
+        assert all(torch.equal(ck.get(name), value) for name, value in wanted.items())
+    with pytest.raises(ckptavg.OutputError, match=r"already holds a checkpoint; pass `force`"):
+        ckptavg.average([runs[2] / layout], ckptavg.swa(), tmp_path / "swa")
+    ckptavg.average([runs[2] / layout], ckptavg.ema(0.5), tmp_path / "swa", force=True)  # stays DCP
+    assert sorted(os.listdir(tmp_path / "swa")) == [".metadata", "__0_0.distcp"]
