@@ -22,9 +22,8 @@ from ..formats.readers import Checkpoint
 from ..formats.safetensors_header import Entry, layout_order
 from ..inputs.duplicates import duplicate_warnings
 from ..inputs.folders import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHT_NAMES, HUB_PREFIX
-from ..inputs.selection import Selection, select
+from ..inputs.selection import Selection, choose
 from ..inputs.side_files import allowed_root, find_side_files
-from ..inputs.steps import resolve_steps
 from ..options import OutputOptions
 from ..plan.layout import COPIED_KEY, VERSION_KEY, Layout, check_target, lay_out
 from ..plan.plan import NONFINITE_POLICIES
@@ -201,16 +200,9 @@ def build_adapter_plan(
                 "(huggingface-cli download ORG/REPO --local-dir FOLDER)"
             )
     configs = [read_config(ck.path, ck.label) for ck in checkpoints]
-    found, sources = resolve_steps(
-        [ck.label for ck in checkpoints], [ck.scalars for ck in checkpoints], options.steps
-    )
-    selected = []
-    if selection is not None and selection.active:
-        kept, selected = select(
-            [ck.label for ck in checkpoints], found, [ck.scalars for ck in checkpoints], selection
-        )
-        checkpoints, configs = [checkpoints[i] for i in kept], [configs[i] for i in kept]
-        found, sources = [found[i] for i in kept], [sources[i] for i in kept]
+    chosen = choose(checkpoints, options.steps, selection)
+    checkpoints, configs = [checkpoints[i] for i in chosen.kept], [configs[i] for i in chosen.kept]
+    found, sources, selected = chosen.steps, chosen.sources, chosen.notes
     warnings, dropped = [], []
     for index in reversed(range(len(checkpoints))):
         problem = _nonfinite(checkpoints[index])

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..errors import InputError, ScheduleError
 from ..options import option
 from .folders import natural_key
+from .steps import resolve_steps
 
 # Scalars training loops store next to the weights, tried when --metric is not given with --best.
 METRIC_KEYS = ("metric", "best_metric", "best_acc1", "acc1", "accuracy", "val_loss", "loss")
@@ -63,6 +64,31 @@ class Selection:
     @property
     def active(self) -> bool:
         return any(v is not None for v in (self.last, self.every, self.from_step, self.to_step, self.best))
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """The checkpoints to average (indices, in order), their steps and where each came from, and
+    one line per selection rule applied."""
+
+    kept: list[int]
+    steps: list[int | None]
+    sources: list[str]
+    notes: list[str]
+
+
+def choose(checkpoints: Sequence, steps: Sequence[int] | None, selection: Selection | None) -> Chosen:
+    """Each checkpoint's step (given, stored or from its name), then the selection's rules applied.
+
+    Raises:
+        ScheduleError: `steps` has the wrong length, or a rule cannot be applied or keeps nothing.
+    """
+    labels, scalars = [ck.label for ck in checkpoints], [ck.scalars for ck in checkpoints]
+    found, sources = resolve_steps(labels, scalars, steps)
+    if selection is None or not selection.active:
+        return Chosen(list(range(len(checkpoints))), found, sources, [])
+    kept, notes = select(labels, found, scalars, selection)
+    return Chosen(kept, [found[i] for i in kept], [sources[i] for i in kept], notes)
 
 
 def select(

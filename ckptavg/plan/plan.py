@@ -22,8 +22,7 @@ from ..formats.name_filter import unmatched_rules
 from ..formats.readers import Checkpoint
 from ..formats.safetensors_header import layout_order
 from ..inputs.duplicates import duplicate_warnings
-from ..inputs.selection import Selection, select
-from ..inputs.steps import resolve_steps
+from ..inputs.selection import Selection, choose
 from ..memory import BUFFERS_IN_FLIGHT, CHUNK_ELEMENTS, STAGING_BUFFERS, STAGING_BYTES
 from ..options import OutputOptions
 from ..schedules import Schedule
@@ -236,16 +235,9 @@ def build_plan(
     checkpoints = list(checkpoints)
     if nonfinite not in NONFINITE_POLICIES:
         raise OutputError(f"`nonfinite` must be one of {', '.join(NONFINITE_POLICIES)}, got {nonfinite}")
-    found, sources = resolve_steps(
-        [ck.label for ck in checkpoints], [ck.scalars for ck in checkpoints], options.steps
-    )
-    selected = []
-    if selection is not None and selection.active:
-        kept, selected = select(
-            [ck.label for ck in checkpoints], found, [ck.scalars for ck in checkpoints], selection
-        )
-        checkpoints = [checkpoints[i] for i in kept]
-        found, sources = [found[i] for i in kept], [sources[i] for i in kept]
+    chosen = choose(checkpoints, options.steps, selection)
+    checkpoints = [checkpoints[i] for i in chosen.kept]
+    found, sources, selected = chosen.steps, chosen.sources, chosen.notes
     weights = schedule.weights(len(checkpoints), found)
     _check_holds_weights(checkpoints)
     _check_same_model(checkpoints)
