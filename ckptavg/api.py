@@ -32,7 +32,7 @@ from .options import OutputOptions, ReadOptions
 from .plan.like_last import wants_like_last
 from .plan.plan import Plan, build_plan
 from .plan.report import count_dtypes
-from .run import supervision
+from .run import distributed, parallel, supervision
 from .run.executor import execute
 from .schedules import Schedule
 
@@ -240,8 +240,12 @@ def average_many(
         raise OptionsError("a BatchNorm pass (`bn`) works with one output at a time; give one `sigma_rel`")
     _refuse_like_last_with_bn(bn, output)
     names = output_names(output.output, schedules)
-    with open_checkpoints(inputs, read, hub=hub, fetch=not dry_run) as checkpoints:
+    with distributed.joined() as group, _opened(inputs, read, hub, not dry_run, group) as checkpoints:
+        if group is not None and bn is not None:
+            raise OptionsError("a BatchNorm pass (`bn`) runs in one process: run it without torchrun")
         if (lora is not None and lora.given) or _holds_adapters(checkpoints):
+            if group is not None:
+                raise OptionsError("LoRA adapters are averaged in one process: run it without torchrun")
             return _average_adapters(
                 checkpoints,
                 schedules,
@@ -255,19 +259,51 @@ def average_many(
                 dry_run,
                 on_plans,
             )
-        plans = [
-            build_plan(checkpoints, schedule, output, selection=selection, output=name)
-            for schedule, name in zip(schedules, names, strict=True)
-        ]
+        plans = _together(
+            group,
+            lambda: [
+                build_plan(checkpoints, schedule, output, selection=selection, output=name)
+                for schedule, name in zip(schedules, names, strict=True)
+            ],
+        )
+        if group is not None:
+            parallel.agree(group, plans)
         if on_plans is not None:
             on_plans(plans)
         if dry_run:
             return plans
+        if group is not None:
+            return parallel.execute(plans, group, device=output.device, progress=progress)
         if bn is None:
             return execute(plans, device=output.device, progress=progress)
         from .bn.statistics import average_then_recompute_statistics
 
         return [average_then_recompute_statistics(plans[0], bn, device=output.device, progress=progress)]
+
+
+@contextmanager
+def _opened(
+    inputs, read: ReadOptions, hub: HubOptions | None, fetch: bool, group
+) -> Iterator[list[Checkpoint]]:
+    """`open_checkpoints`, under torchrun on every rank, each rank's failure raised on all. Hub inputs
+    are fetched once per node: by its local rank 0 first, the others then find them in the cache."""
+    with ExitStack() as stack:
+
+        def here() -> list[Checkpoint]:
+            return stack.enter_context(open_checkpoints(inputs, read, hub=hub, fetch=fetch))
+
+        if group is None:
+            yield here()
+        elif fetch and any(os.fspath(spec).startswith("hf://") for spec in inputs):
+            first = group.local_rank == 0
+            fetched = group.together(lambda: here() if first else None)
+            yield group.together(lambda: fetched if first else here())
+        else:
+            yield group.together(here)
+
+
+def _together(group, make: Callable[[], list[Plan]]) -> list[Plan]:
+    return make() if group is None else group.together(make)
 
 
 def _holds_adapters(checkpoints: Sequence[Checkpoint]) -> bool:

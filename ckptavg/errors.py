@@ -50,6 +50,14 @@ class OutputError(CkptavgError):
     """The output cannot be written where or how it was asked for."""
 
 
+class RankError(CkptavgError):
+    """Another rank of a run under torchrun failed, or stopped answering; `rank` is which (-1: unknown)."""
+
+    def __init__(self, message: str, rank: int):
+        super().__init__(message)
+        self.rank = rank
+
+
 class ScheduleError(CkptavgError):
     """A weight schedule got parameters it cannot work with."""
 

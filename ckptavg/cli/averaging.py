@@ -13,6 +13,7 @@ from ..bn.statistics import BatchNormPass
 from ..inputs.hub_options import HubOptions
 from ..inputs.selection import Selection
 from ..options import OutputOptions, ReadOptions
+from ..run import distributed
 from .flags import (
     CONTEXT,
     GroupedCommand,
@@ -180,7 +181,7 @@ def _average(schedules, values: dict) -> None:
     from ..bn.statistics import describe_pass
 
     inputs, dry_run, quiet = values.pop("inputs"), values.pop("dry_run"), values.pop("quiet")
-    progress = not quiet and sys.stderr.isatty()
+    progress = not quiet and sys.stderr.isatty() and distributed.speaks()
     output = take(OutputOptions, values)
     bn = bn_pass(values, output.device, data_flag="bn_data")
     shown: list[str] = []
@@ -189,6 +190,11 @@ def _average(schedules, values: dict) -> None:
         if not quiet or dry_run:
             for i, plan in enumerate(plans):
                 say(*([""] if i else []), *plan.describe())
+            group = distributed.current()
+            if group is not None:
+                from ..run.parallel import describe
+
+                say(*describe(plans[0], group))
             if bn is not None:
                 say(describe_pass(bn))
         shown.extend(plans[0].warnings)

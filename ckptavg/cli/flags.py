@@ -15,7 +15,7 @@ from ..bn.data import DataOptions
 from ..bn.statistics import BatchNormPass
 from ..errors import CkptavgError, OptionsError, printable
 from ..options import GROUPS, described
-from ..run import interrupts
+from ..run import distributed, interrupts
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 EXIT_ERROR = 1
@@ -25,7 +25,10 @@ EXIT_TERMINATED = 143
 
 def say(*lines: str, err: bool = False) -> None:
     """Print lines with whatever a name could smuggle in (newlines, escape sequences) escaped,
-    and the library's mentions of its parameters in this command's flags."""
+    and the library's mentions of its parameters in this command's flags. Under torchrun only
+    rank 0 speaks (another rank's failure reaches it)."""
+    if not distributed.speaks():
+        return
     click.echo("\n".join(printable(in_flags(line)) for line in lines), err=err)
 
 

@@ -21,9 +21,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Span:
-    """Output tensors the engine computes as one flat run of elements (often a single tensor)."""
+    """Output tensors the engine computes as one flat run of elements (often a single tensor), or
+    the elements `start` to `stop` of that run (a rank's part of it, under torchrun)."""
 
     tensors: tuple[TensorPlan, ...]
+    start: int = 0
+    stop: int | None = None
 
     @property
     def name(self) -> str:
@@ -44,6 +47,14 @@ class Span:
     @property
     def numel(self) -> int:
         return sum(t.numel for t in self.tensors)
+
+    @property
+    def end(self) -> int:
+        """Where the elements computed stop: the run's end, unless this is a part of it."""
+        return self.numel if self.stop is None else self.stop
+
+    def part(self, start: int, stop: int) -> Span:
+        return Span(self.tensors, start, stop)
 
     def member_at(self, element: int) -> TensorPlan:
         """The tensor holding flat element `element` of the span."""

@@ -179,8 +179,8 @@ class Engine:
                 continue
             sources = self._sources(tensor)
             dtypes_of = self._dtypes_of(tensor)
-            for start in range(0, tensor.numel, self._chunk):
-                count = min(self._chunk, tensor.numel - start)
+            for start in range(tensor.start, tensor.end, self._chunk):
+                count = min(self._chunk, tensor.end - start)
                 in_flight.append((tensor, sources, self._sum(sources, start, count, dtypes_of)))
                 if len(in_flight) > self._chunks_ahead:
                     yield self._hand_out(*in_flight.popleft())
@@ -193,8 +193,8 @@ class Engine:
         source = _flat(self.plan.last, span)
         out_dtype = dtypes.torch_dtype(tensor.dtype)
         narrowing = self._may_overflow(self._stored_dtypes(span), out_dtype)
-        for start in range(0, source.numel(), self._chunk):
-            piece = source[start : start + self._chunk]
+        for start in range(span.start, span.end, self._chunk):
+            piece = source[start : min(start + self._chunk, span.end)]
             self._on_read(piece.numel() * piece.element_size())
             if piece.is_floating_point() and not _finite(piece):
                 self._nonfinite(tensor, len(self.plan.checkpoints) - 1)

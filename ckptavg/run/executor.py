@@ -7,7 +7,7 @@ checkpoint found holding NaN or Inf is dropped and the output computed again.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -38,8 +38,17 @@ def run_plans(plans: Sequence[Plan], *, device: str = "cpu", progress: bool = Fa
     return [plan.output for plan in execute(plans, device=device, progress=progress)]
 
 
-def execute(plans: Sequence[Plan], *, device: str = "cpu", progress: bool = False) -> list[Plan]:
+def execute(
+    plans: Sequence[Plan],
+    *,
+    device: str = "cpu",
+    progress: bool = False,
+    write: Callable[..., list[str]] | None = None,
+) -> list[Plan]:
     """Carry out plans that differ only in their weights; the plans as carried out.
+
+    `write(plans, device=..., progress=...)` writes the outputs and returns the warnings found
+    while summing: by default in this process; `parallel` splits the work among ranks.
 
     Those are new plans: with the warnings found while summing added, and, with
     `nonfinite="skip-checkpoint"`, without the checkpoints found holding NaN or Inf
@@ -57,7 +66,7 @@ def execute(plans: Sequence[Plan], *, device: str = "cpu", progress: bool = Fals
         raise OutputError("plans written together must average the same checkpoints into the same tensors")
     while True:
         try:
-            found = _write(plans, device=device, progress=progress)
+            found = (write or _write)(plans, device=device, progress=progress)
         except NonFiniteError as e:
             if first.nonfinite != "skip-checkpoint" or len(plans[0].checkpoints) < 2:
                 raise
@@ -75,7 +84,7 @@ def _write(plans: list[Plan], *, device: str, progress: bool) -> list[str]:
 
     first = plans[0]
     for plan in plans:
-        ensure_free_space(plan.output, _space_needed(plan))
+        ensure_free_space(plan.output, space_needed(plan))
     metadata = [plan.metadata() for plan in plans]
     with (
         tqdm(
@@ -123,11 +132,11 @@ def _write(plans: list[Plan], *, device: str, progress: bool) -> list[str]:
         for checkpoint in first.checkpoints:
             checkpoint.check_unchanged()
         for plan, output, stream, meta in zip(plans, outputs, streamed, metadata, strict=True):
-            _finish_output(plan, output, stream, meta)
+            finish_output(plan, output, stream, meta)
     return engine.warnings
 
 
-def _space_needed(plan: Plan) -> int:
+def space_needed(plan: Plan) -> int:
     """The disk space an output takes: a torch output is streamed to safetensors first, then saved
     from its map; one like the last input is as large as that input."""
     if plan.layout.like_last is not None:
@@ -149,7 +158,7 @@ def _file_writer(
     return output.safetensors(file.name, [t.entry for t in file.tensors], metadata, path=stream)
 
 
-def _finish_output(plan: Plan, output: OutputTransaction, streamed: Path | None, metadata: dict) -> None:
+def finish_output(plan: Plan, output: OutputTransaction, streamed: Path | None, metadata: dict) -> None:
     """What an output needs besides its safetensors files, then the atomic commit."""
     if plan.torch_output:
         save_torch_file(

@@ -1,0 +1,303 @@
+"""Runs under torchrun (gloo, CPU): two processes, or two "nodes" on this machine, give outputs
+byte-identical to a single process; a failing, killed or interrupted rank leaves nothing behind."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ckptavg.errors import RankError
+from ckptavg.run import distributed
+from ckptavg.run.split import shares
+
+ROOT = Path(__file__).resolve().parents[2]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+WORKER = Path(__file__).with_name("torchrun_worker.py")
+LIMIT = 60  # seconds any one launch may take: a hang fails the test instead of blocking CI
+
+pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
+
+
+def _series(folder: Path, count: int = 3) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        g = torch.Generator().manual_seed(i)
+        state = {
+            "a.weight": torch.randn(300, 70, generator=g),
+            "b.bias": torch.randn(513, generator=g).to(torch.bfloat16),
+            "c.steps": torch.tensor([i]),
+            "d.weight": torch.randn(64, 40, generator=g),
+        }
+        path = folder / f"step_{i + 1}.safetensors"
+        save_file(state, path, metadata={"format": "pt"})
+        paths.append(path)
+    return paths
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, "CKPTAVG_DIST_TIMEOUT": "20", "OMP_NUM_THREADS": "1", **extra}
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _single(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ckptavg", *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=LIMIT,
+    )
+
+
+def _torchrun(args: list[str], cwd: Path, nproc: int = 2, **env) -> subprocess.CompletedProcess:
+    command = [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), str(WORKER), *args]
+    return subprocess.run(command, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=LIMIT)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(args: list[str], cwds: tuple[Path, Path], **env) -> list[subprocess.Popen]:
+    port = _free_port()
+    return [
+        subprocess.Popen(
+            [
+                str(TORCHRUN),
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(node),
+                "--nproc-per-node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-conf",
+                f"is_host={int(node == 0)}",
+                "--max-restarts",
+                "0",
+                str(WORKER),
+                *args,
+            ],
+            cwd=cwd,
+            env=_env(**env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node, cwd in enumerate(cwds)
+    ]
+
+
+def _finish(processes: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    results = []
+    for process in processes:
+        try:
+            out, err = process.communicate(timeout=LIMIT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+            pytest.fail(f"a launch did not end within {LIMIT} s: {err[-2000:]}")
+        results.append((process.returncode, out + err))
+    return results
+
+
+def _error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(("error:", "terminated", "interrupted"))]
+
+
+def _temporaries(folder: Path) -> list[str]:
+    return [p.name for p in folder.rglob("*") if ".ckptavg-tmp" in p.name]
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory) -> list[Path]:
+    return _series(tmp_path_factory.mktemp("series"))
+
+
+@pytest.mark.parametrize(
+    ("args", "outputs"),
+    [
+        (["swa", "-o", "out.safetensors"], ["out.safetensors"]),
+        (["ema", "--decay", "0.8", "-o", "out/", "--max-shard-size", "40kB"], ["out"]),
+        (
+            ["ema", "--sigma-rel", "0.1", "--sigma-rel", "0.2", "-o", "ema_{sigma_rel}.safetensors"],
+            ["ema_0.1.safetensors", "ema_0.2.safetensors"],
+        ),
+        (["swa", "-o", "out.pt"], ["out.pt"]),
+    ],
+    ids=["swa-file", "ema-shards", "sigma-rel-two", "torch-file"],
+)
+def test_two_processes_write_what_one_writes(tmp_path, series, args, outputs):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    inputs = [str(p) for p in series]
+    done = _single([args[0], *inputs, *args[1:]], one)
+    assert done.returncode == 0, done.stderr
+    done = _torchrun([args[0], *inputs, *args[1:]], two)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("wrote ") == len(outputs)  # rank 0 alone speaks
+    for name in outputs:
+        mine, theirs = (
+            sorted((one / name).rglob("*")) or [one / name],
+            sorted((two / name).rglob("*")) or [two / name],
+        )
+        assert [p.relative_to(one) for p in mine] == [p.relative_to(two) for p in theirs]
+        for a, b in zip(mine, theirs, strict=True):
+            assert a.read_bytes() == b.read_bytes(), a.name
+    if args[2:3] == ["out/"]:
+        assert len(list((two / "out").glob("*.safetensors"))) > 1
+    assert _temporaries(two) == []
+
+
+def test_dry_run_says_what_each_rank_reads_and_writes(tmp_path, series):
+    done = _torchrun(
+        ["swa", *map(str, series), "-o", "x/", "--max-shard-size", "40kB", "--dry-run"], tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert "under torchrun: 2 ranks" in done.stdout
+    assert "rank 0 (" in done.stdout and "rank 1 (" in done.stdout
+    assert not (tmp_path / "x").exists()
+
+
+def test_two_nodes_by_rendezvous(tmp_path, series):
+    results = _finish(
+        _two_nodes(["swa", *map(str, series), "-o", str(tmp_path / "out.safetensors")], (tmp_path, tmp_path))
+    )
+    assert [code for code, _ in results] == [0, 0], results
+    assert (
+        _single(["swa", *map(str, series), "-o", str(tmp_path / "one.safetensors")], tmp_path).returncode == 0
+    )
+    assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "one.safetensors").read_bytes()
+
+
+def _previous_output(folder: Path) -> bytes:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "out.safetensors").write_bytes(b"previous")  # not ckptavg's: kept unless --force
+    return b"previous"
+
+
+def test_an_input_one_rank_cannot_read(tmp_path, series):
+    good, bad = tmp_path / "node0", tmp_path / "node1"
+    for folder in (good, bad):
+        (folder / "in").mkdir(parents=True)
+        for path in series:
+            (folder / "in" / path.name).write_bytes(path.read_bytes())
+    (bad / "in" / "step_2.safetensors").write_bytes(b"not a checkpoint")
+    output = tmp_path / "shared"
+    previous = _previous_output(output)
+    started = time.monotonic()
+    results = _finish(
+        _two_nodes(["swa", "in/*.safetensors", "-o", str(output / "out.safetensors"), "--force"], (good, bad))
+    )
+    assert all(code != 0 for code, _ in results)
+    assert time.monotonic() - started < LIMIT
+    lines = _error_lines(results[0][1])
+    assert len(lines) == 1 and "rank 1" in lines[0] and "step_2.safetensors" in lines[0], results[0][1]
+    assert (output / "out.safetensors").read_bytes() == previous
+    assert _temporaries(tmp_path) == []
+
+
+def test_an_output_only_one_rank_sees(tmp_path, series):
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    node0.mkdir(), node1.mkdir()
+    results = _finish(_two_nodes(["swa", *map(str, series), "-o", "out/avg.safetensors"], (node0, node1)))
+    assert all(code != 0 for code, _ in results)
+    lines = _error_lines(results[0][1])
+    assert len(lines) == 1 and "rank 1" in lines[0] and "share" in lines[0], results[0][1]
+    assert not (node0 / "out" / "avg.safetensors").exists()
+    assert _temporaries(tmp_path) == []
+
+
+def _stalled_launch(tmp_path: Path, series: list[Path], output: Path):
+    flag = tmp_path / "stalled"
+    process = subprocess.Popen(
+        [
+            str(TORCHRUN),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(WORKER),
+            "swa",
+            *map(str, series),
+            "-o",
+            str(output),
+            "--force",
+        ],
+        cwd=tmp_path,
+        env=_env(CKPTAVG_TEST_STALL_RANK="1", CKPTAVG_TEST_STALLED=str(flag)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + LIMIT
+    while not flag.exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    return process, int(flag.read_text())
+
+
+@pytest.mark.parametrize("how", ["sigkill-rank", "sigterm-launcher"])
+def test_a_rank_killed_or_the_launcher_stopped_mid_run(tmp_path, series, how):
+    output = tmp_path / "shared" / "out.safetensors"
+    previous = _previous_output(output.parent)
+    process, pid = _stalled_launch(tmp_path, series, output)
+    started = time.monotonic()
+    if how == "sigkill-rank":
+        os.kill(pid, signal.SIGKILL)
+    else:
+        process.send_signal(signal.SIGTERM)
+    ((code, text),) = _finish([process])
+    assert code != 0
+    assert time.monotonic() - started < 40, text
+    assert output.read_bytes() == previous
+    assert _temporaries(tmp_path) == []
+    assert "Traceback" not in "\n".join(_error_lines(text))
+
+
+def test_the_split_is_balanced_by_bytes_and_covers_everything(series):
+    from ckptavg.api import open_checkpoints
+    from ckptavg.plan.plan import build_plan
+    from ckptavg.plan.spans import spans
+    from ckptavg.schedules import swa
+
+    with open_checkpoints(series) as checkpoints:
+        plan = build_plan(checkpoints, swa(), output="x.safetensors")
+        work = spans(plan)
+        for ranks in (1, 2, 3, 7):
+            found = shares(plan, work, ranks)
+            assert sum(s.reads for s in found) == plan.bytes_to_read
+            assert max(s.reads for s in found) - min(s.reads for s in found) <= 2 * 3 * 8
+            covered = {}
+            for share in found:
+                for part in share.spans:
+                    covered.setdefault(part.name, []).append((part.start, part.end))
+            for span in work:
+                pieces = sorted(covered[span.name])
+                assert pieces[0][0] == 0 and pieces[-1][1] == span.numel
+                assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
+
+
+def test_a_single_process_never_joins_a_group(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not distributed.launched()
+    with distributed.joined() as group:
+        assert group is None
+    assert issubclass(RankError, Exception)
