@@ -29,7 +29,6 @@ from .inputs.hub_options import HubOptions
 from .inputs.selection import Selection
 from .inputs.specs import resolve_sources
 from .options import OutputOptions, ReadOptions
-from .plan.like_last import wants_like_last
 from .plan.plan import Plan, build_plan
 from .plan.report import count_dtypes
 from .run import distributed, parallel, supervision
@@ -238,7 +237,6 @@ def average_many(
         raise OptionsError("give an output with `output=PATH` (or check the inputs with `dry_run=True`)")
     if bn is not None and len(schedules) > 1:
         raise OptionsError("a BatchNorm pass (`bn`) works with one output at a time; give one `sigma_rel`")
-    _refuse_like_last_with_bn(bn, output)
     names = output_names(output.output, schedules)
     with distributed.joined() as group, _opened(inputs, read, hub, not dry_run, group) as checkpoints:
         if group is not None and bn is not None:
@@ -342,14 +340,6 @@ def _average_adapters(
         return plans if dry_run else write_adapters(plans)
 
 
-def _refuse_like_last_with_bn(bn: BatchNormPass | None, output: OutputOptions) -> None:
-    if bn is not None and wants_like_last(output.output, output.like_last):
-        raise OptionsError(
-            "a BatchNorm pass (`bn`) writes the weights alone, not like the last input (`like_last`, "
-            "implied by .ckpt and .pth.tar): write a .pt or .safetensors output"
-        )
-
-
 def output_names(output: str | os.PathLike | None, schedules: Sequence[Schedule]) -> list[str | None]:
     """One output per schedule: `output` as given, or formatted with each schedule's parameters.
 
@@ -395,7 +385,6 @@ def bn_update(
     read, output = read or ReadOptions(), output or OutputOptions()
     if output.output is None and not dry_run:
         raise OptionsError("give an output with `output=PATH` (or check with `dry_run=True`)")
-    _refuse_like_last_with_bn(bn, output)
     with open_checkpoints([checkpoint_spec], read, hub=hub, fetch=not dry_run) as checkpoints:
         if len(checkpoints) > 1:
             raise OptionsError(f"{checkpoint_spec} holds {len(checkpoints)} checkpoints; give one")
@@ -413,6 +402,7 @@ def bn_update(
             force=output.force,
             max_shard_size=output.max_shard_size,
             wrap_key=output.wrap_key,
+            like_last=output.like_last,
             progress=progress,
         )
         return plan

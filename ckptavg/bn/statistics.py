@@ -11,7 +11,7 @@ unchanged except the BatchNorm statistics, through the streaming writer.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from ..errors import SHOWN_NAMES, CkptavgError, InputError, name_list
 from ..formats.readers import Checkpoint
 from ..options import option
 from ..plan.layout import Layout
+from ..plan.like_last import plan_like_last
 from ..plan.plan import Plan, build_plan
 from ..plan.tensors import OutputFile
 from ..schedules import swa
@@ -139,26 +140,44 @@ def write_with_new_statistics(
     force: bool = False,
     max_shard_size=None,
     wrap_key: str | None = None,
+    like_last: bool = False,
+    like: Checkpoint | None = None,
+    averaged: Collection[str] = (),
     extra_files: tuple[list[Path], Path | None] | None = None,
     progress: bool = False,
 ) -> tuple[Plan, Batches]:
     """Recompute the statistics of `checkpoint` and write it to `output` with them.
 
     The output is checked before the pass (so a mistake costs no data pass);
-    every tensor but the statistics is copied unchanged, in its own dtype.
+    every tensor but the statistics is copied unchanged, in its own dtype. An output
+    like the last input copies the torch archive of `like` (default: `checkpoint`) with
+    the new statistics and the `averaged` tensors (read from `checkpoint`) put in place.
     """
     from ..run.executor import execute
 
     replacements: dict = {}
     updated = _WithReplacements.wrap(checkpoint, replacements)
+    template = like if like is not None else checkpoint
     plan = build_plan(
-        [updated], swa(), output=output, force=force, max_shard_size=max_shard_size, wrap_key=wrap_key
+        [template if like_last or like is not None else updated],
+        swa(),
+        output=output,
+        force=force,
+        max_shard_size=max_shard_size,
+        wrap_key=wrap_key,
+        like_last=like_last,
     )
     if extra_files is not None:
         files, root = extra_files
         plan = replace(plan, layout=replace(plan.layout, extra_files=tuple(files), extra_root=root))
     new, record, batches = recompute_statistics(checkpoint, bn, progress=progress)
     replacements.update(new)
+    plan = replace(plan, checkpoints=[updated])
+    like_plan = plan.layout.like_last
+    if like_plan is not None:  # the archive's records that change: known now the statistics are
+        rewritten = {*averaged, *new}
+        like_plan = plan_like_last(template, plan.tensors, plan.output, like_plan.implied_by, rewritten)
+        plan = replace(plan, layout=replace(plan.layout, like_last=like_plan))
     (done,) = execute(
         [replace(plan, provenance={**provenance, BN_KEY: json.dumps(record)})], progress=progress
     )
@@ -183,6 +202,7 @@ def average_then_recompute_statistics(
     to_scratch = replace(plan, layout=Layout(scratch, files=(OutputFile(scratch.name, tuple(plan.tensors)),)))
     try:
         (averaged,) = execute([replace(to_scratch, force=False)], device=device, progress=progress)
+        like = plan.layout.like_last is not None
         with open_checkpoint(scratch) as checkpoint:
             final, _ = write_with_new_statistics(
                 checkpoint,
@@ -192,6 +212,9 @@ def average_then_recompute_statistics(
                 force=plan.force,
                 max_shard_size=plan.shard_size if plan.folder else None,
                 wrap_key=plan.wrap_key,
+                like_last=like,
+                like=plan.checkpoints[-1] if like else None,
+                averaged={t.name for t in plan.tensors if t.averaged},
                 extra_files=(plan.extra_files, plan.extra_root),
                 progress=progress,
             )

@@ -27,7 +27,7 @@ from .flags import (
 )
 
 # The output options bn-update takes: it copies a checkpoint, so the averaging ones do not apply.
-_BN_UPDATE_OUTPUT = ("output", "max_shard_size", "wrap_key", "force", "device")
+_BN_UPDATE_OUTPUT = ("output", "max_shard_size", "wrap_key", "like_last", "force", "device")
 
 
 def _bn_update_flags(command):

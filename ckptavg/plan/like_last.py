@@ -11,8 +11,8 @@ views that overlap without being the same tensor. `run.torch_like` writes the ou
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import OutputError, printable
@@ -80,14 +80,23 @@ def wants_like_last(output: str | None, like_last: bool) -> bool:
 
 
 def plan_like_last(
-    last: Checkpoint, tensors: Sequence[TensorPlan], target: Path, implied_by: str | None
+    last: Checkpoint,
+    tensors: Sequence[TensorPlan],
+    target: Path,
+    implied_by: str | None,
+    rewritten: Collection[str] = (),
 ) -> LikeLast:
     """Where each averaged tensor goes in a copy of the last input's archive, checked to be writable alone.
+
+    `rewritten` names tensors written though not averaged (new BatchNorm statistics, and the
+    average itself when a BatchNorm pass writes it from a scratch copy).
 
     Raises:
         OutputError: the last input is not one torch zip archive, or a tensor cannot be rewritten
             alone (its dtype changes, it is strided, or its storage holds something else it overlaps).
     """
+    averaged = sum(1 for t in tensors if t.averaged)
+    tensors = [replace(t, averaged=True) if t.name in rewritten else t for t in tensors]  # written
     path, key, stored = _archive_of(last, tensors, target, implied_by)
     archive = read_torch_archive(path)
     weights, _, _ = find_state_dict(archive.content, path, key)
@@ -134,7 +143,6 @@ def plan_like_last(
         place = records[record]
         absolute = tuple(Region(r.name, place.start + r.offset, r.nbytes) for r in regions)
         rewritten.append(Rewritten(record, place.start, place.size, absolute, crcs[record].offsets))
-    averaged = sum(1 for t in tensors if t.averaged)
     return LikeLast(
         source=path,
         label=label,
@@ -142,7 +150,7 @@ def plan_like_last(
         size=path.stat().st_size,
         records=tuple(sorted(rewritten, key=lambda r: r.start)),
         averaged=averaged,
-        kept=len(tensors) - averaged,
+        kept=sum(1 for t in tensors if not t.averaged),
         carried=_carried(archive.content, key),
         implied_by=implied_by,
     )

@@ -17,7 +17,7 @@ from torch import nn
 
 import ckptavg
 from ckptavg.cli import main
-from ckptavg.errors import OptionsError, OutputError
+from ckptavg.errors import OutputError
 
 
 def run_cli(*args):
@@ -268,6 +268,51 @@ class TestTorchvisionReference:
         for name, value in checkpoint["model"].items():
             assert torch.equal(value, inputs[-1]["model"][name])
 
+    def test_batchnorm_statistics_recomputed_in_place(self, tmp_path, saved):
+        """SWA with a BatchNorm pass, written like the last input: `train.py --resume` reads it, and
+        its weights are torch's update_bn over the average."""
+        from torch.optim.swa_utils import update_bn
+
+        data = torch.randn(32, 4, generator=torch.Generator().manual_seed(7))
+        torch.save(data, tmp_path / "data.pt")
+        output = tmp_path / "swa_bn.pth"
+        result = run_cli(
+            "swa", *saved, "--key", "model", "--like-last", "-o", output, "--bn-data", tmp_path / "data.pt",
+            "--model", f"{__name__}:tiny_net", "--batch-size", "8",
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(output, weights_only=True)
+            inputs = [torch.load(p, weights_only=True) for p in saved]
+        oracle = tiny_net()
+        oracle.load_state_dict(
+            {
+                n: mean([c["model"] for c in inputs], n) if v.is_floating_point() else v
+                for n, v in inputs[-1]["model"].items()
+            }
+        )
+        update_bn([(b,) for b in data.split(8)], oracle)
+        for name, value in oracle.state_dict().items():
+            torch.testing.assert_close(checkpoint["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        averaged_mean = mean([c["model"] for c in inputs], "1.running_mean")
+        assert not torch.allclose(checkpoint["model"]["1.running_mean"], averaged_mean)  # the pass ran
+        assert checkpoint["epoch"] == inputs[-1]["epoch"] and checkpoint["args"] == inputs[-1]["args"]
+        for name, value in checkpoint["model_ema"].items():
+            assert torch.equal(value, inputs[-1]["model_ema"][name])
+        result = run_cli(
+            "bn-update", output, "--key", "model", "--like-last", "-o", tmp_path / "again.pth",
+            "--data", tmp_path / "data.pt", "--model", f"{__name__}:tiny_net", "--batch-size", "8",
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            again = torch.load(tmp_path / "again.pth", weights_only=True)
+        update_bn([(b,) for b in data.split(8)], oracle)
+        for name, value in oracle.state_dict().items():
+            torch.testing.assert_close(again["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        assert again["optimizer"]["state"][0]["momentum_buffer"].equal(
+            inputs[-1]["optimizer"]["state"][0]["momentum_buffer"]
+        )
+
 
 class TestTimm:
     def test_checkpoint_saver_resume_and_load(self, tmp_path):
@@ -394,7 +439,3 @@ class TestRecords:
         assert result.exit_code == 1
         assert "as .pth.tar implies" in result.output and "is not a torch file" in result.output
         assert len(result.output.strip().splitlines()) == 1
-
-    def test_bn_pass_refused(self, tmp_path):
-        with pytest.raises(OptionsError, match="`like_last`"):
-            ckptavg.average(["x.pt"], ckptavg.swa(), tmp_path / "out.ckpt", bn=object())
