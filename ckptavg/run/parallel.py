@@ -107,6 +107,11 @@ def _write(plans: list[Plan], group: Group, *, device: str, progress: bool) -> l
             f"{first.output}: an output like the last input (`like_last`, .ckpt, .pth.tar) is written by "
             "one process; run it without torchrun, or write a .safetensors, .pt or folder output"
         )
+    if first.layout.dcp:
+        raise OutputError(
+            f"{first.output}: a DCP output (`format=dcp`) is written by one process for now; run it "
+            "without torchrun, or write a .safetensors, .pt or folder output"
+        )
     share = _shares(first, group)[group.rank]
     metadata = [plan.metadata() for plan in plans]
     with ExitStack() as stack:
