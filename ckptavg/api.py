@@ -36,7 +36,7 @@ from .run.executor import execute
 from .schedules import Schedule
 
 if TYPE_CHECKING:
-    from .adapters.plan import AdapterPlan
+    from .adapters.records import AdapterPlan
     from .bn.statistics import BatchNormPass
 
 
@@ -305,7 +305,7 @@ def _together(group, make: Callable[[], list[Plan]]) -> list[Plan]:
 
 
 def _holds_adapters(checkpoints: Sequence[Checkpoint]) -> bool:
-    from .adapters.plan import is_adapter
+    from .adapters.records import is_adapter
 
     return any(is_adapter(ck) for ck in checkpoints)
 

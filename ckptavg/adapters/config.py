@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from ..inputs.folders import ADAPTER_CONFIG_NAME
+from ..inputs.folders import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHT_NAMES
+
+ADAPTER_WEIGHTS = ADAPTER_WEIGHT_NAMES[0]  # what an averaged adapter's weights are called
 
 # Initializations that change the base model's weights: such an adapter's update is not B·A alone.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "mica")

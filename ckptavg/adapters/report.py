@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 from ..errors import plural
 from ..schedules import effective_count
 from ..units import format_bytes
-from .plan import ADAPTER_WEIGHTS
+from .config import ADAPTER_WEIGHTS
 
 if TYPE_CHECKING:
-    from .plan import AdapterPlan
+    from .records import AdapterPlan
 
 _MODES = {
     "concat": "exact: the factors stacked, rank r1+...+rN",

@@ -17,10 +17,10 @@ from ..inputs.side_files import copy_side_file
 from ..plan.layout import INDEX_NAME
 from ..run import interrupts
 from ..run.transaction import OutputTransaction
-from .config import output_config
+from .config import ADAPTER_WEIGHTS, output_config
 from .factors import delta_rows, row_blocks, truncated
 from .layers import base_tensor_name, base_weight_name
-from .plan import ADAPTER_WEIGHTS, AdapterPlan
+from .records import AdapterPlan
 from .updates import averaged_other, cast, stacked_layer
 
 

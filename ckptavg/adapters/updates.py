@@ -8,7 +8,7 @@ import torch
 
 from ..formats import dtypes
 from .factors import Factors, stacked
-from .plan import AdapterLayer, AdapterPlan
+from .records import AdapterLayer, AdapterPlan
 
 
 def stacked_layer(plan: AdapterPlan, layer: AdapterLayer) -> Factors:
