@@ -17,17 +17,20 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 STEPS = (10, 20, 30)
 
 
-def launch(argv: list[str], world: int) -> int:
+def launch(argv: list[str], world: int, script: str = __file__, timeout: float = 150) -> int:
+    """Runs `script` with `argv` in `world` processes of one gloo group; the worst exit status.
+    Ranks still running after `timeout` seconds (a rank died and the others wait) are killed."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ranks = [
         subprocess.Popen(
-            [sys.executable, __file__, *argv],
+            [sys.executable, script, *argv],
             env={
                 **os.environ,
                 "MASTER_ADDR": "127.0.0.1",
@@ -39,7 +42,13 @@ def launch(argv: list[str], world: int) -> int:
         )
         for rank in range(world)
     ]
-    return max(process.wait() for process in ranks)
+    deadline = time.monotonic() + timeout
+    try:
+        return max(process.wait(max(deadline - time.monotonic(), 0)) for process in ranks)
+    except subprocess.TimeoutExpired:
+        for process in ranks:
+            process.kill()
+        return 124
 
 
 def make_model():

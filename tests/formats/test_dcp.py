@@ -18,6 +18,7 @@ from ckptavg.errors import InputError
 from ckptavg.formats.readers import open_checkpoint
 
 SAVER = Path(__file__).with_name("dcp_saver.py")
+LOADER = Path(__file__).with_name("dcp_loader.py")
 STEPS = (10, 20, 30)
 
 
@@ -198,3 +199,25 @@ def test_a_dcp_output_loads_back_with_dcp_load(runs, layout, tmp_path):
         ckptavg.average([runs[2] / layout], ckptavg.swa(), tmp_path / "swa")
     ckptavg.average([runs[2] / layout], ckptavg.ema(0.5), tmp_path / "swa", force=True)  # stays DCP
     assert sorted(os.listdir(tmp_path / "swa")) == [".metadata", "__0_0.distcp"]
+
+
+def test_a_dcp_output_loads_into_a_sharded_model_in_two_processes(runs, tmp_path):
+    """`dcp.load` into a fresh FSDP2 model on two gloo ranks: each rank's shards are the
+    safetensors output's rows."""
+    ckptavg.average([runs[2] / "nested"], ckptavg.swa(), tmp_path / "swa.safetensors")
+    ckptavg.average([runs[2] / "nested"], ckptavg.swa(), tmp_path / "swa", format="dcp")
+    loaded = subprocess.run(
+        [sys.executable, str(LOADER), str(tmp_path / "swa"), str(tmp_path), "2", "model"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    wanted = load_file(tmp_path / "swa.safetensors")
+    rows = {name: 0 for name in wanted}
+    for rank in (0, 1):
+        for name, (shard, offsets) in torch.load(tmp_path / f"rank-{rank}.pt").items():
+            assert offsets[0] == rows[name] and all(o == 0 for o in offsets[1:])
+            assert torch.equal(shard, wanted[name][offsets[0] : offsets[0] + shard.shape[0]])
+            rows[name] += shard.shape[0]
+    assert rows == {name: value.shape[0] for name, value in wanted.items()}
