@@ -16,8 +16,12 @@ Both of DCP's serializations are read in place, from one private map per file:
 A tensor is handed to the engine flattened, as `deepspeed.Pieces` of its chunks in order: a chunk
 is a run of the flattened tensor when it spans whole trailing dimensions (FSDP's dim-0 shards, or
 one chunk), so any two chunk layouts of the same tensor average exactly, one engine chunk at a time.
-Chunks cut along later dimensions (tensor parallelism) and chunks stored through DCP's extension
-transforms are refused by name.
+Chunks cut along later dimensions (tensor parallelism) are refused by name.
+
+Chunks stored through DCP's extension transforms (zstd compression: `dcp_transforms`) cannot be
+mapped: each is decoded, whole, when the engine first reads it, and dropped once the engine has
+moved past it (`_Held`: at most two chunks of one tensor per checkpoint, counted by the plan as
+`decoded_bytes`). They are checked against the metadata then, not when the folder is opened.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..errors import InputError, name_list, plural
-from . import dtypes
+from ..memory import CHUNK_ELEMENTS
+from . import dcp_transforms, dtypes
 from .dcp_metadata import Chunk, DcpMetadata, Stored, TensorEntry, read_metadata
 from .deepspeed import Pieces
 from .dtypes import TensorInfo
@@ -72,6 +77,8 @@ class DcpCheckpoint:
 
     Attributes:
         key: the nested state dict the tensors were taken from (`model`), or None: the top level.
+        decoded_bytes: the most memory its chunks stored through transforms take while read
+            (0 when every chunk is mapped).
     """
 
     metadata: dict[str, str] = {}  # noqa: RUF012 (never mutated)
@@ -85,7 +92,8 @@ class DcpCheckpoint:
         self.key, names, rule = _pick(meta, key, folder)
         self._files: dict[str, _DistcpFile] = {}
         self.tensors: dict[str, TensorInfo] = {}
-        self._chunks: dict[str, list[tuple[int, _Span]]] = {}
+        self._chunks: dict[str, list[tuple[int, _Span | _Encoded]]] = {}
+        self._held = _Held()
         prefix = f"{self.key}." if self.key else ""
         try:
             for name in names:
@@ -96,11 +104,24 @@ class DcpCheckpoint:
         self.also_read = [file.path for file in self._files.values()]
         kinds = sorted({file.serialization for file in self._files.values()})
         left = _left_out(meta, set(prefix + name for name in names))
+        encoded = [
+            span for chunks in self._chunks.values() for _, span in chunks if isinstance(span, _Encoded)
+        ]
+        self.decoded_bytes = _held_at_most(encoded)
         self.notes = [
             f"DCP ({', '.join(kinds) or 'no data'} serialization, {len(self._files)} "
             f"file{'s' if len(self._files) != 1 else ''}), {rule}",
             *([f"left out: {left}"] if left else []),
             *_chunk_notes(meta, prefix, names),
+            *(
+                [
+                    f"{plural(len(encoded), 'chunk')} stored through "
+                    f"{name_list(sorted({t for span in encoded for t in span.transforms}))}: "
+                    "decoded one at a time as the engine reads them"
+                ]
+                if encoded
+                else []
+            ),
         ]
 
     def get(self, name: str, info: TensorInfo):
@@ -130,7 +151,7 @@ class DcpCheckpoint:
                     f"{self.path}: tensor '{fqn}' has no file recorded for its chunk at "
                     f"{list(chunk.offsets)}; the metadata is damaged"
                 )
-            chunks.append((start, self._file(fqn, stored).span(fqn, chunk, stored, entry.dtype)))
+            chunks.append((start, self._file(fqn, stored).span(fqn, entry, chunk, stored, self._held)))
         chunks.sort(key=lambda item: item[0])
         end = 0
         for start, span in chunks:
@@ -157,12 +178,6 @@ class DcpCheckpoint:
                     "checkpoint's folder; ckptavg reads only files beside the metadata"
                 )
             self._files[stored.file] = _DistcpFile(self.path.parent / stored.file, fqn)
-        if stored.transforms:
-            raise InputError(
-                f"{self.path.parent / stored.file}: tensor '{fqn}' is stored through DCP extension "
-                f"transforms ({', '.join(stored.transforms)}), which ckptavg does not decode; "
-                "save it without them"
-            )
         return self._files[stored.file]
 
 
@@ -203,6 +218,64 @@ class _Span:
             return raw.clone().view(self._dtype)
 
 
+class _Encoded:
+    """A chunk stored through transforms: decoded whole when first read (through `_Held`), its
+    archive then checked as a mapped chunk's is, and its values sliced like a `_Span`'s."""
+
+    def __init__(
+        self, file: _DistcpFile, fqn: str, stored: Stored, chunk: Chunk, dtype, held: _Held, tensor_numel: int
+    ):
+        self._file, self._stored, self._chunk, self._held = file, stored, chunk, held
+        self.fqn, self.dtype, self.transforms = fqn, dtype, stored.transforms
+        self._where = f"{file.path}: tensor '{fqn}' (chunk at {list(chunk.offsets)})"
+        self._numel = math.prod(chunk.sizes)
+        self.tensor_numel = tensor_numel
+        self.limit = self._numel * dtype.itemsize + dcp_transforms.SLACK  # the most it decodes to
+
+    def numel(self) -> int:
+        return self._numel
+
+    def __getitem__(self, window: slice):
+        return self._held.values(self)[window]
+
+    def decoded(self) -> _Span:
+        """The chunk decoded into memory of its own, as a span of it."""
+        encoded = self._file.bytes()[self._stored.offset : self._stored.offset + self._stored.length]
+        out, size = dcp_transforms.decode(encoded.numpy(), self.limit, self._where)
+        start, numel = _archive_values(out, 0, size, self._where, self._chunk, self.dtype)
+        return _Span(_Decoded(out), start, numel, self.dtype)
+
+
+class _Decoded:
+    """A decoded chunk's anonymous map, read as a `_Span` reads a file."""
+
+    def __init__(self, out: mmap.mmap):
+        import torch
+
+        self._bytes = torch.frombuffer(out, dtype=torch.uint8)
+
+    def bytes(self):
+        return self._bytes
+
+
+class _Held:
+    """The decoded chunks of one checkpoint: the two last read, both of the tensor being read (the
+    engine moves forward through a tensor, and one engine chunk spans at most two large ones);
+    reading another tensor's drops them."""
+
+    def __init__(self):
+        self._spans: dict[_Encoded, _Span] = {}
+
+    def values(self, encoded: _Encoded) -> _Span:
+        if encoded not in self._spans:
+            if any(held.fqn != encoded.fqn for held in self._spans):
+                self._spans.clear()
+            while len(self._spans) >= 2:
+                del self._spans[next(iter(self._spans))]
+            self._spans[encoded] = encoded.decoded()
+        return self._spans[encoded]
+
+
 class _DistcpFile:
     """One `.distcp` file: checked chunk by chunk when opened, mapped when first read."""
 
@@ -223,18 +296,26 @@ class _DistcpFile:
         self._headers: dict[int, dict] = {}  # a safetensors file's start -> its tensors
         self._bytes = None
 
-    def span(self, fqn: str, chunk: Chunk, stored: Stored, dtype) -> _Span:
-        """The chunk of tensor `fqn` stored at `stored`, checked against the metadata."""
+    def span(
+        self, fqn: str, entry: TensorEntry, chunk: Chunk, stored: Stored, held: _Held
+    ) -> _Span | _Encoded:
+        """The chunk of tensor `fqn` stored at `stored`, checked against the metadata (once
+        decoded, for a chunk stored through transforms)."""
+        dtype = entry.dtype
         where = f"{self.path}: tensor '{fqn}' (chunk at {list(chunk.offsets)})"
         if stored.offset + stored.length > self.size:
             raise InputError(
                 f"{where} lies at bytes {stored.offset} to {stored.offset + stored.length}, past the end "
                 f"of the file ({self.size} bytes); the file is truncated: copy or save it again"
             )
+        if stored.transforms:
+            dcp_transforms.check(stored.transforms, where)
+            self.serialization = "torch_save"  # DCP applies transforms to torch_save chunks alone
+            return _Encoded(self, fqn, stored, chunk, dtype, held, math.prod(entry.size))
         self._handle.seek(stored.offset)
         if self._handle.read(4) == _ZIP_MAGIC:
             self.serialization = "torch_save"
-            start, numel = self._archive_chunk(where, chunk, stored, dtype)
+            start, numel = _archive_values(self._handle, stored.offset, stored.length, where, chunk, dtype)
         else:
             self.serialization = "safetensors"
             start, numel = self._safetensors_chunk(where, fqn, chunk, stored, dtype)
@@ -259,73 +340,6 @@ class _DistcpFile:
 
     def close_handle(self) -> None:
         self._handle.close()
-
-    def _archive_chunk(self, where: str, chunk: Chunk, stored: Stored, dtype) -> tuple[int, int]:
-        """A `torch.save` archive of one tensor: where its values start in the file, how many."""
-        import torch
-
-        window = _Window(self._handle, stored.offset, stored.length)
-        try:
-            with zipfile.ZipFile(window) as archive:
-                entries = archive.infolist()
-                pickles = [e for e in entries if e.filename.endswith("/" + PICKLE_RECORD)]
-                pickled = archive.read(pickles[0]) if len(pickles) == 1 else None
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-            raise InputError(
-                f"{where}: is not a readable torch.save archive ({e}); the file is damaged"
-            ) from e
-        if pickled is None:
-            raise InputError(f"{where}: its archive has no single data.pkl; the file is damaged")
-        records = {}
-        for entry in entries:
-            if entry.compress_type != zipfile.ZIP_STORED or entry.compress_size != entry.file_size:
-                raise InputError(
-                    f"{where}: its archive's record {entry.filename} is compressed; save it again"
-                )
-            records[entry.filename.partition("/")[2]] = (
-                self._data_start(where, entry, stored),
-                entry.file_size,
-            )
-        if "byteorder" in records:
-            self._handle.seek(stored.offset + records["byteorder"][0])
-            if self._handle.read(records["byteorder"][1]) == b"big":
-                raise InputError(f"{where}: saved on a big-endian machine; load it there and save it again")
-        try:
-            tensor, declared, _storages, _ = _skeleton(_Pickle(pickled))
-        except Exception as e:  # the weights-only unpickler's refusals, or a damaged pickle
-            raise InputError(f"{where}: its pickle is not a plain tensor ({str(e).splitlines()[0]})") from e
-        if not isinstance(tensor, torch.Tensor) or tensor.untyped_storage()._cdata not in declared:
-            raise InputError(f"{where}: its archive does not hold a tensor; the file is damaged")
-        name, nbytes = declared[tensor.untyped_storage()._cdata]
-        if tensor.dtype != dtype or tuple(tensor.shape) != chunk.sizes:
-            raise InputError(
-                f"{where}: holds a {tensor.dtype} tensor of shape {list(tensor.shape)}, but the metadata "
-                f"says {dtype} {list(chunk.sizes)}; the files are of another save"
-            )
-        if not tensor.is_contiguous():
-            raise InputError(
-                f"{where}: is stored as a strided view, which ckptavg does not map; save it again"
-            )
-        if name not in records or nbytes > records[name][1]:
-            raise InputError(
-                f"{where}: its values need {nbytes} bytes that its archive lacks; the file is damaged"
-            )
-        first = tensor.storage_offset() * dtype.itemsize
-        if first + tensor.numel() * dtype.itemsize > nbytes:
-            raise InputError(f"{where}: its values lie past its storage; the file is damaged")
-        return stored.offset + records[name][0] + first, tensor.numel()
-
-    def _data_start(self, where: str, entry: zipfile.ZipInfo, stored: Stored) -> int:
-        """Where a record's bytes start, from its local header, checked to lie in the chunk's range."""
-        self._handle.seek(stored.offset + entry.header_offset)
-        header = self._handle.read(_LOCAL_HEADER.size)
-        if len(header) != _LOCAL_HEADER.size or header[:4] != _ZIP_MAGIC:
-            raise InputError(f"{where}: its archive's record {entry.filename} has no local header; damaged")
-        *_, name_length, extra_length = _LOCAL_HEADER.unpack(header)
-        start = entry.header_offset + _LOCAL_HEADER.size + name_length + extra_length
-        if start + entry.file_size > stored.length:
-            raise InputError(f"{where}: its archive's record {entry.filename} runs past the chunk; damaged")
-        return start
 
     def _safetensors_chunk(
         self, where: str, fqn: str, chunk: Chunk, stored: Stored, dtype
@@ -402,6 +416,80 @@ class _Window(io.RawIOBase):
         data = self._file.read(size)
         self._position += len(data)
         return data
+
+
+def _archive_values(handle, offset: int, length: int, where: str, chunk: Chunk, dtype) -> tuple[int, int]:
+    """The `torch.save` archive of one chunk, at bytes [offset, offset + length) of an open file:
+    where its values start in the file, and how many there are."""
+    import torch
+
+    window = _Window(handle, offset, length)
+    try:
+        with zipfile.ZipFile(window) as archive:
+            entries = archive.infolist()
+            pickles = [e for e in entries if e.filename.endswith("/" + PICKLE_RECORD)]
+            pickled = archive.read(pickles[0]) if len(pickles) == 1 else None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise InputError(f"{where}: is not a readable torch.save archive ({e}); the file is damaged") from e
+    if pickled is None:
+        raise InputError(f"{where}: its archive has no single data.pkl; the file is damaged")
+    records = {}
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED or entry.compress_size != entry.file_size:
+            raise InputError(f"{where}: its archive's record {entry.filename} is compressed; save it again")
+        records[entry.filename.partition("/")[2]] = (
+            _data_start(handle, offset, length, where, entry),
+            entry.file_size,
+        )
+    if "byteorder" in records:
+        handle.seek(offset + records["byteorder"][0])
+        if handle.read(records["byteorder"][1]) == b"big":
+            raise InputError(f"{where}: saved on a big-endian machine; load it there and save it again")
+    try:
+        tensor, declared, _storages, _ = _skeleton(_Pickle(pickled))
+    except Exception as e:  # the weights-only unpickler's refusals, or a damaged pickle
+        raise InputError(f"{where}: its pickle is not a plain tensor ({str(e).splitlines()[0]})") from e
+    if not isinstance(tensor, torch.Tensor) or tensor.untyped_storage()._cdata not in declared:
+        raise InputError(f"{where}: its archive does not hold a tensor; the file is damaged")
+    name, nbytes = declared[tensor.untyped_storage()._cdata]
+    if tensor.dtype != dtype or tuple(tensor.shape) != chunk.sizes:
+        raise InputError(
+            f"{where}: holds a {tensor.dtype} tensor of shape {list(tensor.shape)}, but the metadata "
+            f"says {dtype} {list(chunk.sizes)}; the files are of another save"
+        )
+    if not tensor.is_contiguous():
+        raise InputError(f"{where}: is stored as a strided view, which ckptavg does not map; save it again")
+    if name not in records or nbytes > records[name][1]:
+        raise InputError(
+            f"{where}: its values need {nbytes} bytes that its archive lacks; the file is damaged"
+        )
+    first = tensor.storage_offset() * dtype.itemsize
+    if first + tensor.numel() * dtype.itemsize > nbytes:
+        raise InputError(f"{where}: its values lie past its storage; the file is damaged")
+    return offset + records[name][0] + first, tensor.numel()
+
+
+def _data_start(handle, offset: int, length: int, where: str, entry: zipfile.ZipInfo) -> int:
+    """Where a record's bytes start, from its local header, checked to lie in the chunk's range."""
+    handle.seek(offset + entry.header_offset)
+    header = handle.read(_LOCAL_HEADER.size)
+    if len(header) != _LOCAL_HEADER.size or header[:4] != _ZIP_MAGIC:
+        raise InputError(f"{where}: its archive's record {entry.filename} has no local header; damaged")
+    *_, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+    start = entry.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+    if start + entry.file_size > length:
+        raise InputError(f"{where}: its archive's record {entry.filename} runs past the chunk; damaged")
+    return start
+
+
+def _held_at_most(encoded: Sequence[_Encoded]) -> int:
+    """The most bytes decoded chunks take at once: the two `_Held` keeps, and those one engine
+    chunk assembles from (smaller than it, as they lie inside it)."""
+    if not encoded:
+        return 0
+    largest = sorted((span.limit for span in encoded), reverse=True)[:2]
+    window = max(min(CHUNK_ELEMENTS, span.tensor_numel) * span.dtype.itemsize for span in encoded)
+    return sum(largest) + window
 
 
 def _flat_start(path: Path, fqn: str, entry: TensorEntry, chunk: Chunk) -> int:

@@ -65,6 +65,7 @@ class CheckpointFile(Protocol):
 
     # A reader whose tensors lie in pieces (DeepSpeed partitions) also has `get_flat(name, info)`:
     # the tensor flattened, as `deepspeed.Pieces`, so that the engine assembles one chunk at a time.
+    # One that decodes stored chunks into memory says how much at most in `decoded_bytes`.
 
 
 class Checkpoint:
@@ -84,6 +85,8 @@ class Checkpoint:
         tied: groups of names that share memory in the file.
         scalars: numbers stored with the weights (a torch dict's epoch or metrics, numeric
             safetensors metadata), for steps and selection by metric.
+        decoded_bytes: the most memory its files take for chunks they decode while read (DCP's
+            compressed chunks), beside the engine's buffers; 0 when everything is mapped.
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class Checkpoint:
         self.metadata: dict[str, str] = {}
         self.tied: list[list[str]] = []
         self._shards = list(shards)
+        self.decoded_bytes = sum(getattr(shard, "decoded_bytes", 0) for shard in self._shards)
         chosen = []
         for shard in self._shards:
             self.metadata = self.metadata or shard.metadata

@@ -126,8 +126,9 @@ class Plan:
 
     @property
     def working_bytes(self) -> int:
-        """Most the buffers can take: accumulators, a cast scratch, output chunks per dtype, and the
-        writer's staging for writes past the page cache."""
+        """Most the buffers can take: accumulators, a cast scratch, output chunks per dtype, the
+        writer's staging for writes past the page cache, and the chunks inputs decode (compressed
+        DCP chunks, read one at a time)."""
         averaged = [t for t in self.tensors if t.averaged]
         elements = min(max((t.numel for t in averaged), default=0), CHUNK_ELEMENTS)
         accum = "F64" if self.summed_in_float64 else self.accum_dtype
@@ -135,7 +136,8 @@ class Plan:
         outputs = BUFFERS_IN_FLIGHT * sum(dtypes.itemsize(d) for d in {t.dtype for t in averaged})
         largest_file = max((file.nbytes for file in self.files), default=0)
         staging = min(STAGING_BUFFERS, -(-largest_file // STAGING_BYTES)) * STAGING_BYTES
-        return elements * (accumulators + outputs) + staging
+        decoded = sum(ck.decoded_bytes for ck in self.checkpoints)
+        return elements * (accumulators + outputs) + staging + decoded
 
     def metadata(self) -> dict[str, str]:
         """Provenance stored in the output's `__metadata__` (all values are strings).

@@ -10,6 +10,8 @@ state beside the model as trainers do, in two layouts and both serializations:
     OUT/titan/step-N       torchtitan's: the model's tensors at the top level, then optimizer,
                            lr_scheduler and train_state (torch_save serialization)
     OUT/nested/step-N      {"model": ..., "optimizer": ..., "step": N} (safetensors serialization)
+    OUT/zstd/step-N        torchtitan's layout, every item compressed by DCP's ZStandard extension
+                           (when zstandard is installed)
     OUT/expected/step-N.pt the model's full state dict as the training process held it
 """
 
@@ -67,6 +69,7 @@ def save(out: str, world: int) -> None:
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._extension import ZStandard
     from torch.distributed.checkpoint.filesystem import SerializationFormat
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
@@ -95,6 +98,9 @@ def save(out: str, world: int) -> None:
             "train_state": {"step": step},
         }
         dcp.save(titan, checkpoint_id=f"{out}/titan/step-{step}")
+        if ZStandard.is_available():
+            compressed = dcp.FileSystemWriter(f"{out}/zstd/step-{step}", _extensions=[ZStandard()])
+            dcp.save(titan, storage_writer=compressed)
         writer = dcp.FileSystemWriter(
             f"{out}/nested/step-{step}", serialization_format=SerializationFormat.SAFETENSORS
         )

@@ -6,15 +6,18 @@ import os
 import pickle
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import needed_module
 from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel
 
 import ckptavg
 from ckptavg.errors import InputError
+from ckptavg.formats import dcp_transforms
 from ckptavg.formats.readers import open_checkpoint
 
 SAVER = Path(__file__).with_name("dcp_saver.py")
@@ -221,3 +224,76 @@ def test_a_dcp_output_loads_into_a_sharded_model_in_two_processes(runs, tmp_path
             assert torch.equal(shard, wanted[name][offsets[0] : offsets[0] + shard.shape[0]])
             rows[name] += shard.shape[0]
     assert rows == {name: value.shape[0] for name, value in wanted.items()}
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_compressed_chunks_average_as_the_uncompressed_ones(runs, world, tmp_path):
+    """A series saved through DCP's ZStandard extension gives the uncompressed series' output."""
+    needed_module("zstandard")
+    plain = ckptavg.average([runs[world] / "titan"], ckptavg.swa(), tmp_path / "plain.safetensors")
+    plan = ckptavg.average([runs[world] / "zstd"], ckptavg.swa(), tmp_path / "zstd.safetensors")
+    found, wanted = load_file(tmp_path / "zstd.safetensors"), load_file(tmp_path / "plain.safetensors")
+    assert sorted(found) == sorted(wanted)
+    assert all(torch.equal(found[name], value) for name, value in wanted.items())
+    chunks = 7 * world
+    assert plan.checkpoints[0].notes[-1] == (
+        f"{chunks} chunks stored through 'stream.zstd/1': decoded one at a time as the engine reads them"
+    )
+    decoded = sum(ck.decoded_bytes for ck in plan.checkpoints)
+    assert decoded > 0 and plan.working_bytes == plain.working_bytes + decoded
+
+
+def test_decoded_chunks_are_held_two_at_most_and_dropped(runs, monkeypatch):
+    """Each chunk is decoded when first read, once; at most two stay decoded, of one tensor."""
+    needed_module("zstandard")
+    decode, decoded = dcp_transforms.decode, []
+
+    def counted(*args):
+        out, size = decode(*args)
+        decoded.append(weakref.ref(out))
+        return out, size
+
+    monkeypatch.setattr(dcp_transforms, "decode", counted)
+    wanted = expected(runs[2], 10)
+    with open_checkpoint(runs[2] / "zstd" / "step-10") as ck:
+        assert not decoded  # opening decodes nothing
+        flat = ck.get_run(["0.weight"])
+        for start in range(0, 66, 6):  # forward, one row at a time, across the two chunks
+            assert torch.equal(flat[start : start + 6], wanted["0.weight"].reshape(-1)[start : start + 6])
+        assert len(decoded) == 2
+        assert torch.equal(ck.get("1.weight"), wanted["1.weight"])
+        assert len(decoded) == 4
+        assert [ref() is None for ref in decoded] == [True, True, False, False]
+
+
+def test_an_unknown_transform_is_refused_by_name(runs, tmp_path):
+    folder = tmp_path / "step-10"
+    subprocess.run(["cp", "-r", str(runs[1] / "titan" / "step-10"), str(folder)], check=True)
+    meta = pickle.loads((folder / ".metadata").read_bytes())  # the test's own file: trusted
+    for index, info in meta.storage_data.items():
+        if index.fqn == "1.bias":
+            info.transform_descriptors = ["stream.rot13/1"]
+    (folder / ".metadata").write_bytes(pickle.dumps(meta))
+    with pytest.raises(
+        InputError,
+        match=r"__0_0\.distcp: tensor '1\.bias' \(chunk at \[0\]\): is stored through the DCP extension "
+        r"transform 'stream\.rot13/1', which ckptavg does not decode",
+    ):
+        open_checkpoint(folder)
+
+
+def test_a_damaged_compressed_chunk(runs, tmp_path):
+    needed_module("zstandard")
+    from ckptavg.formats.dcp_metadata import read_metadata
+
+    folder = tmp_path / "step-10"
+    subprocess.run(["cp", "-r", str(runs[1] / "zstd" / "step-10"), str(folder)], check=True)
+    stored = read_metadata(folder / ".metadata").storage[("0.weight", (0, 0))]
+    with open(folder / stored.file, "r+b") as f:
+        f.seek(stored.offset)
+        f.write(b"\0" * 8)
+    with pytest.raises(
+        InputError, match=r"__0_0\.distcp: tensor '0\.weight' \(chunk at \[0, 0\]\): cannot be decoded"
+    ):
+        ckptavg.average([folder], ckptavg.swa(), tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
