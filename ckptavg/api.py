@@ -385,6 +385,8 @@ def bn_update(
     read, output = read or ReadOptions(), output or OutputOptions()
     if output.output is None and not dry_run:
         raise OptionsError("give an output with `output=PATH` (or check with `dry_run=True`)")
+    if distributed.launched():  # every rank would run the pass and write the same output
+        raise OptionsError("bn-update runs in one process: run it without torchrun")
     with open_checkpoints([checkpoint_spec], read, hub=hub, fetch=not dry_run) as checkpoints:
         if len(checkpoints) > 1:
             raise OptionsError(f"{checkpoint_spec} holds {len(checkpoints)} checkpoints; give one")

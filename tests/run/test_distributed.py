@@ -177,6 +177,17 @@ def test_dry_run_says_what_each_rank_reads_and_writes(tmp_path, series):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_batchnorm_pass_is_refused_in_one_line(tmp_path, series):
+    done = _torchrun(
+        ["bn-update", str(series[0]), "--model", "torch.nn:Identity", "--data", str(tmp_path), "-o", "o.pt"],
+        tmp_path,
+    )
+    assert done.returncode != 0
+    said = [line for line in (done.stdout + done.stderr).splitlines() if "runs in one process" in line]
+    assert said == ["Error: bn-update runs in one process: run it without torchrun"], done.stderr
+    assert not (tmp_path / "o.pt").exists()
+
+
 # How torch's launcher says the two agents did not meet (a port taken between choosing and
 # binding it, an agent slow to start on a loaded machine): the launch is made again, once.
 _RENDEZVOUS_FAILED = ("RendezvousError", "RendezvousConnectionError", "RendezvousTimeoutError", "EADDRINUSE")
