@@ -200,6 +200,8 @@ def reports_errors(command):
         except click.ClickException:
             raise  # usage errors: click prints them with the command's usage line
         except OptionsError as e:
+            if not distributed.speaks():  # under torchrun, rank 0 says it
+                sys.exit(click.UsageError.exit_code)
             raise click.UsageError(in_flags(str(e))) from e
         except CkptavgError as e:
             if debug:
