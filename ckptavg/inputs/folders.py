@@ -14,7 +14,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from ..errors import InputError, name_list
-from ..formats.dcp import is_dcp_folder
+from ..formats.dcp import DISTCP_SUFFIX, is_dcp_folder
 from ..formats.deepspeed import STEP_FOLDERS, is_deepspeed_folder
 from ..formats.readers import INDEX_SUFFIX, SAFETENSORS_SUFFIX
 from ..formats.torch_format import TORCH_SUFFIXES
@@ -42,8 +42,11 @@ TRAINER_STATE = re.compile(
 # model.safetensors, pytorch_model.bin, model.fp16.safetensors, model-00001-of-00002.safetensors.
 _SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$")
 TRAINER_CHECKPOINT = "checkpoint-*"
-# The step folders of runs saved as DCP: torchtitan's step-N, Megatron's iter_NNNNNNN, Trainer's checkpoint-N.
-DCP_STEP_FOLDERS = ("step-*", "step_*", "iter_*", TRAINER_CHECKPOINT)
+# The step folders of runs saved as DCP: torchtitan's step-N, Megatron's iter_NNNNNNN (a Trainer's
+# checkpoint-N may hold DCP too: it is read with the other checkpoint-N folders of its run).
+DCP_STEP_FOLDERS = ("step-*", "step_*", "iter_*")
+# accelerate's (and so a Trainer's) FSDP sharded state dict: a DCP folder per model in checkpoint-N.
+FSDP_MODEL_FOLDERS = "pytorch_model_fsdp_*"
 GLOB_CHARS = re.compile(r"[*?\[]")
 _DIGITS = re.compile(r"(\d+)")
 
@@ -93,28 +96,36 @@ def checkpoints_in_folder(
     """The checkpoints of a folder, as paths relative to the listing's root.
 
     One checkpoint in the Hugging Face layout (or the folder's only weights
-    file), else each Trainer `checkpoint-N` subfolder in step order. A DeepSpeed
+    file, or accelerate's FSDP `pytorch_model_fsdp_0` DCP folder), else each Trainer
+    `checkpoint-N` subfolder in step order, in whichever of these forms each holds. A DeepSpeed
     checkpoint is a folder (its files are read together), and a DeepSpeed run
     (`global_stepN` folders beside the `latest` tag) is each of them in step order;
-    so is a DCP checkpoint (`.metadata` beside `*.distcp`), and a run of them (`step-N`,
-    `iter_N` or `checkpoint-N` folders).
+    so is a DCP checkpoint (`.metadata` beside `*.distcp`), and a run of them (`step-N`
+    or `iter_N` folders; one without `.metadata` yet, a save under way, is left out).
 
     `weights_name` picks one model of a folder holding several (`model_1` of accelerate's
-    `model.safetensors` and `model_1.safetensors`).
+    `model.safetensors` and `model_1.safetensors`, `pytorch_model_fsdp_1` of its FSDP folders).
 
     Raises:
-        InputError: no checkpoint, or several candidates and no way to choose.
+        InputError: no checkpoint, several candidates and no way to choose, or DCP step folders
+            beside `checkpoint-N` folders.
     """
     files, folders = listing(folder)
     if is_deepspeed_folder(files) or is_dcp_folder(files):
         return [folder]
-    found = _weights_among(files, label, weights_name)
+    found = _model_here(folder, files, folders, listing, label, weights_name)
     if found is not None:
-        return [_join(folder, found)]
+        return [found]
+    runs = sorted((f for f in folders if fnmatchcase(f, TRAINER_CHECKPOINT)), key=natural_key)
     steps = _deepspeed_steps(folder, folders, listing, label) or _dcp_steps(folder, folders, listing)
+    if steps and runs:
+        raise InputError(
+            f"{label}: holds DCP step folders ({Path(steps[0]).name}, ...) and {TRAINER_CHECKPOINT} "
+            f"folders ({runs[0]}, ...); pass the ones to average, e.g. "
+            f"'{label.rstrip('/')}/{TRAINER_CHECKPOINT}'"
+        )
     if steps:
         return steps
-    runs = sorted((f for f in folders if fnmatchcase(f, TRAINER_CHECKPOINT)), key=natural_key)
     if not runs:
         raise InputError(
             f"{label}: holds no checkpoint (no {', '.join(HF_WEIGHT_NAMES)}, weights file or "
@@ -125,15 +136,45 @@ def checkpoints_in_folder(
         run_label = f"{label.rstrip('/')}/{run}"
         run_folder = _join(folder, run)
         run_files, run_folders = listing(run_folder)
-        weights = _weights_among(run_files, run_label, weights_name)
+        if is_dcp_folder(run_files):
+            checkpoints.append(run_folder)
+            continue
+        weights = _model_here(run_folder, run_files, run_folders, listing, run_label, weights_name)
         steps = _deepspeed_steps(run_folder, run_folders, listing, run_label) if weights is None else []
         if weights is None and not steps:
+            cut_short = any(f.endswith(DISTCP_SUFFIX) for f in run_files)
             raise InputError(
-                f"{run_label}: holds no checkpoint (no {', '.join(HF_WEIGHT_NAMES)}, weights file or "
-                f"DeepSpeed {STEP_FOLDERS} folder)"
+                f"{run_label}: holds no checkpoint ("
+                + (
+                    "its *.distcp files have no .metadata: a DCP save cut short or still under way"
+                    if cut_short
+                    else f"no {', '.join(HF_WEIGHT_NAMES)}, weights file, DeepSpeed {STEP_FOLDERS} "
+                    "folder or DCP folder"
+                )
+                + ")"
             )
-        checkpoints += [_join(folder, run, weights)] if weights is not None else steps
+        checkpoints += [weights] if weights is not None else steps
     return checkpoints
+
+
+def _model_here(
+    folder: str, files: Sequence[str], folders: Sequence[str], listing: Listing, label: str, weights_name
+) -> str | None:
+    """A folder's one model: its weights file, or accelerate's FSDP DCP folder of it (path from
+    the listing's root); None if it holds neither."""
+    fsdp = [f for f in folders if fnmatchcase(f, FSDP_MODEL_FOLDERS)]
+    fsdp = sorted((f for f in fsdp if is_dcp_folder(listing(_join(folder, f))[0])), key=natural_key)
+    if weights_name in fsdp:
+        return _join(folder, weights_name)
+    found = _weights_among(files, label, weights_name)
+    if found is not None or not fsdp:
+        return _join(folder, found) if found is not None else None
+    if len(fsdp) > 1:
+        raise InputError(
+            f"{label}: holds the FSDP checkpoints of {len(fsdp)} models ({name_list(fsdp)}): "
+            f"take one with `weights_name={fsdp[0]}`"
+        )
+    return _join(folder, fsdp[0])
 
 
 def _dcp_steps(folder: str, folders: Sequence[str], listing: Listing) -> list[str]:
@@ -175,6 +216,8 @@ def _weights_among(files: Sequence[str], label: str, weights_name: str | None) -
         models.setdefault(model_name(name), []).append(name)
     if weights_name is not None:
         wanted = model_name(weights_name)
+        if not models:  # a run folder: its checkpoint-N folders hold them
+            return None
         if wanted not in models:
             raise InputError(
                 f"{label}: holds no weights named {weights_name} (it holds {name_list(sorted(models))})"

@@ -297,3 +297,20 @@ def test_a_damaged_compressed_chunk(runs, tmp_path):
     ):
         ckptavg.average([folder], ckptavg.swa(), tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_trainer_run_of_fsdp_checkpoints(runs, tmp_path):
+    """accelerate's layout (a Trainer's with FSDP's sharded state dict): checkpoint-N/pytorch_model_fsdp_0
+    holds the model as DCP, beside the optimizer's DCP folder and the trainer's files."""
+    run = tmp_path / "run"
+    for step in STEPS:
+        folder = run / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        for name in ("pytorch_model_fsdp_0", "optimizer_0"):
+            subprocess.run(
+                ["cp", "-r", str(runs[2] / "nested" / f"step-{step}"), str(folder / name)], check=True
+            )
+        (folder / "trainer_state.json").write_text("{}")
+    plan = ckptavg.average([run], ckptavg.swa(), tmp_path / "swa.safetensors")
+    assert plan.steps == list(STEPS)
+    assert_close(load_file(tmp_path / "swa.safetensors"), swa_of([expected(runs[2], s) for s in STEPS]))

@@ -139,3 +139,60 @@ class TestOneModelPerFolder:
             InputError, match=r"holds no weights named model_7 \(it holds 'model', 'model_1'\)"
         ):
             resolve_sources([tmp_path / "run" / "step_1"], weights_name="model_7")
+
+
+def trainer_fsdp_checkpoint(folder, models=("pytorch_model_fsdp_0",)):
+    """A Trainer's checkpoint-N saved by accelerate with FSDP's sharded state dict."""
+    for name in (*models, "optimizer_0"):
+        touch(folder / name / ".metadata")
+        touch(folder / name / "__0_0.distcp")
+        touch(folder / name / "__1_0.distcp")
+    for name in ("scheduler.pt", "rng_state_0.pth", "trainer_state.json", "training_args.bin"):
+        touch(folder / name)
+    return folder / models[0]
+
+
+class TestTrainerFsdpFolders:
+    def test_a_checkpoint_is_its_fsdp_model_folder(self, tmp_path):
+        model = trainer_fsdp_checkpoint(tmp_path / "checkpoint-10")
+        assert resolve_sources([tmp_path / "checkpoint-10"]) == [model]
+
+    def test_a_run_of_them_in_step_order(self, tmp_path):
+        models = [trainer_fsdp_checkpoint(tmp_path / f"checkpoint-{n}") for n in (20, 10)]
+        assert resolve_sources([tmp_path]) == models[::-1]
+
+    def test_every_form_of_checkpoint_n_in_one_run(self, tmp_path):
+        fsdp = trainer_fsdp_checkpoint(tmp_path / "checkpoint-10")
+        hf = touch(tmp_path / "checkpoint-20" / "model.safetensors")
+        touch(tmp_path / "checkpoint-30" / ".metadata")
+        touch(tmp_path / "checkpoint-30" / "__0_0.distcp")
+        assert resolve_sources([tmp_path]) == [fsdp, hf, tmp_path / "checkpoint-30"]
+
+    def test_several_models_ask_for_weights_name(self, tmp_path):
+        trainer_fsdp_checkpoint(tmp_path / "checkpoint-10", ("pytorch_model_fsdp_0", "pytorch_model_fsdp_1"))
+        with pytest.raises(
+            InputError,
+            match=r"checkpoint-10: holds the FSDP checkpoints of 2 models \('pytorch_model_fsdp_0', "
+            r"'pytorch_model_fsdp_1'\): take one with `weights_name=pytorch_model_fsdp_0`",
+        ):
+            resolve_sources([tmp_path])
+        found = resolve_sources([tmp_path], weights_name="pytorch_model_fsdp_1")
+        assert found == [tmp_path / "checkpoint-10" / "pytorch_model_fsdp_1"]
+
+    def test_a_save_under_way(self, tmp_path):
+        trainer_fsdp_checkpoint(tmp_path / "checkpoint-10")
+        touch(tmp_path / "checkpoint-20" / "__0_0.distcp")
+        with pytest.raises(
+            InputError, match=r"checkpoint-20: holds no checkpoint \(its \*\.distcp files have no \.metadata"
+        ):
+            resolve_sources([tmp_path])
+
+    def test_dcp_step_folders_beside_checkpoint_n_folders(self, tmp_path):
+        touch(tmp_path / "step-10" / ".metadata")
+        touch(tmp_path / "checkpoint-20" / "model.safetensors")
+        with pytest.raises(
+            InputError,
+            match=r"holds DCP step folders \(step-10, \.\.\.\) and checkpoint-\* folders \(checkpoint-20, "
+            r"\.\.\.\); pass the ones to average",
+        ):
+            resolve_sources([tmp_path])
