@@ -314,3 +314,20 @@ def test_a_trainer_run_of_fsdp_checkpoints(runs, tmp_path):
     plan = ckptavg.average([run], ckptavg.swa(), tmp_path / "swa.safetensors")
     assert plan.steps == list(STEPS)
     assert_close(load_file(tmp_path / "swa.safetensors"), swa_of([expected(runs[2], s) for s in STEPS]))
+
+
+def test_a_torchtitan_run(tmp_path):
+    """A run saved by torchtitan's own CheckpointManager (when torchtitan is installed: it is not a
+    test extra, its dependencies are a trainer's)."""
+    pytest.importorskip("torchtitan.components.checkpointer.dcp", reason="torchtitan is not installed")
+    saved = subprocess.run(
+        [sys.executable, str(SAVER.with_name("torchtitan_saver.py")), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    plan = ckptavg.average([tmp_path / "checkpoint"], ckptavg.swa(), tmp_path / "swa.safetensors")
+    assert plan.steps == list(STEPS)
+    assert "left out: optimizer (12 tensors), dataloader, lr_scheduler" in plan.checkpoints[0].notes
+    assert_close(load_file(tmp_path / "swa.safetensors"), swa_of([expected(tmp_path, s) for s in STEPS]))
