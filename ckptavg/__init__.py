@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from .errors import CkptavgError, InputError, MismatchError, OptionsError, OutputError, ScheduleError
 from .inputs.selection import Selection
-from .schedules import ema, power_ema, swa, weighted
+from .schedules import anneal, ema, power_ema, swa, weighted
 
 if TYPE_CHECKING:  # what `__getattr__` loads on first use, visible to editors and type checkers
     from .adapters.options import LoraOptions
@@ -40,6 +40,7 @@ __all__ = [
     "ScheduleError",
     "Selection",
     "__version__",
+    "anneal",
     "average",
     "average_many",
     "bn_update",

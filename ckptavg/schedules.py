@@ -9,7 +9,7 @@ here; the weights are float64 Python floats.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Protocol
@@ -181,6 +181,54 @@ class Weighted:
         return []
 
 
+@dataclass(frozen=True)
+class Anneal:
+    """The merge that stands in for a learning-rate decay (WSM: Tian et al. 2025, arXiv 2507.17634).
+
+    Checkpoints at steps `s_0 < ... < s_n` of a constant-rate run; interval k holds
+    the updates from `s_k` to `s_(k+1)`. A merge `sum c_i theta_i` applies to every
+    update of interval k the multiplier `sum_(i>k) c_i`. To stand for the decay
+    `f(x) = r + (1 - r) h(x)` over the window (`r` the `final_lr_ratio`, x from 0 at
+    `s_0` to 1 at `s_n`), interval k gets `m_k`, the mean of f over its steps
+    `t = s_k ... s_(k+1) - 1`, and the weights solve for it: `c_0 = 1 - m_0`,
+    `c_i = m_(i-1) - m_i`, `c_n = m_(n-1)`. With every step saved this is exactly SGD
+    with the decayed learning rate; otherwise the run whose rate is `m_k` through
+    interval k.
+    """
+
+    shape: str
+    final_lr_ratio: float = 0.0
+    method = "anneal"
+
+    def __post_init__(self):
+        _decay_shape(self.shape)
+        if not 0.0 <= self.final_lr_ratio <= 1.0:
+            raise ScheduleError(f"`final_lr_ratio` must be between 0 and 1, got {self.final_lr_ratio}")
+
+    def weights(self, count: int, steps: Sequence[int | None] | None = None) -> list[float]:
+        _require_checkpoints(count)
+        multipliers = self.multipliers(require_steps(steps, count, f"`shape={self.shape}`"))
+        if not multipliers:
+            return [1.0]
+        ends = [1.0, *multipliers, 0.0]  # the multiplier before the window, each interval's, after it
+        return [ends[i] - ends[i + 1] for i in range(count)]
+
+    def multipliers(self, steps: Sequence[int]) -> list[float]:
+        """`m_k` for each interval between consecutive steps: the decay's mean over its updates."""
+        h, first, span = _decay_shape(self.shape), steps[0], steps[-1] - steps[0]
+        r = self.final_lr_ratio
+        return [
+            r + (1 - r) * math.fsum(h((t - first) / span) for t in range(a, b)) / (b - a)
+            for a, b in pairwise(steps)
+        ]
+
+    def params(self) -> dict:
+        return {"shape": self.shape, "final_lr_ratio": self.final_lr_ratio}
+
+    def warnings(self, count: int) -> list[str]:
+        return []
+
+
 def swa() -> Swa:
     """Equal weights: `ckptavg.average(paths, ckptavg.swa(), out="swa.safetensors")`."""
     return Swa()
@@ -222,6 +270,16 @@ def power_ema(*, sigma_rel: float | None = None, gamma: float | None = None) -> 
 def weighted(weights: Sequence[float]) -> Weighted:
     """Explicit weights, normalized to sum to 1: `weighted([1, 1, 2])` is `[0.25, 0.25, 0.5]`."""
     return Weighted(tuple(float(w) for w in weights))
+
+
+def anneal(shape: str, *, final_lr_ratio: float = 0.0) -> Anneal:
+    """Weights that stand for decaying the learning rate over the checkpoints' steps.
+
+    Args:
+        shape: the decay, `linear`, `cosine`, `1-sqrt` or `exp:RATE` (e^(-RATE x)).
+        final_lr_ratio: the rate at the end of the window, as a fraction of the peak.
+    """
+    return Anneal(shape, float(final_lr_ratio))
 
 
 # algorithm 2 in https://arxiv.org/abs/2312.02696: sigma_rel = sqrt((g+1) / ((g+2)^2 (g+3)))
@@ -304,6 +362,29 @@ def _ema_over_intervals(decay: float, bounds: list[int], bias_correction: bool) 
     weights = [power(last - bounds[1])]
     weights += [power(last - b) * -math.expm1((b - a) * log_d) for a, b in pairwise(bounds[1:])]
     return weights
+
+
+DECAY_SHAPES = ("linear", "cosine", "1-sqrt", "exp:RATE")
+
+
+def _decay_shape(shape: str) -> Callable[[float], float]:
+    """h(x) for x in [0, 1], falling from h(0) = 1."""
+    if shape == "linear":
+        return lambda x: 1.0 - x
+    if shape == "cosine":
+        return lambda x: (1.0 + math.cos(math.pi * x)) / 2
+    if shape == "1-sqrt":
+        return lambda x: 1.0 - math.sqrt(x)
+    name, _, rate = shape.partition(":")
+    try:
+        value = float(rate) if name == "exp" else None
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < math.inf:
+        raise ScheduleError(
+            f"`shape={shape}`: use one of {', '.join(DECAY_SHAPES)}, with RATE a positive number"
+        )
+    return lambda x: math.exp(-value * x)
 
 
 def _require_checkpoints(count: int) -> None:

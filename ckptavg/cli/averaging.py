@@ -1,4 +1,4 @@
-"""The averaging commands, `swa`, `ema` and `avg`: a schedule from the method's flags, then one
+"""The averaging commands, `swa`, `ema`, `avg` and `anneal`: a schedule from the method's flags, then one
 library call (`api.average_many`), its plans reported before the run and its outputs after."""
 
 from __future__ import annotations
@@ -173,6 +173,45 @@ def avg(weights, **values):
     from ..schedules import weighted
 
     _average([weighted(weights)], values)
+
+
+@click.command(cls=GroupedCommand, context_settings=CONTEXT)
+@_method(
+    "--shape",
+    required=True,
+    metavar="SHAPE",
+    help="The decay the merge stands for: linear, cosine, 1-sqrt or exp:RATE (e^(-RATE x)).",
+)
+@_method(
+    "--final-lr-ratio",
+    type=float,
+    default=0.0,
+    show_default=True,
+    metavar="R",
+    help="The learning rate at the end of the decay, as a fraction of the constant one.",
+)
+@_averaging_flags
+@reports_errors
+def anneal(shape, final_lr_ratio, **values):
+    """The merge that stands in for a learning-rate decay (WSM, Tian et al. 2025).
+
+    \b
+    Checkpoints of a constant-learning-rate phase, merged with weights such that
+    every update between two checkpoints counts with the decayed rate's mean over
+    those steps: f(x) = R + (1 - R) h(x), x from 0 at the first checkpoint's step
+    to 1 at the last's. With every step saved this is exactly SGD with the decay;
+    otherwise the run whose rate is held at that mean between checkpoints. Needs
+    each checkpoint's step (stored, from names, or --steps). --dry-run shows the
+    weights and the decay they stand for.
+
+    \b
+    ckptavg anneal --shape 1-sqrt 'ckpt/step-*' --from-step 80000 -o merged/
+    ckptavg anneal --shape linear --last 8 run/ -o merged.safetensors
+    ckptavg anneal --shape cosine --final-lr-ratio 0.1 'ckpt/step-*' -o merged.safetensors
+    """
+    from ..schedules import anneal as schedule
+
+    _average([schedule(shape, final_lr_ratio=final_lr_ratio)], values)
 
 
 def _average(schedules, values: dict) -> None:

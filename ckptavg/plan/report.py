@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 from ..errors import plural
@@ -25,7 +26,7 @@ _STEP_SOURCE_KINDS = {
 
 def describe(plan: Plan) -> list[str]:
     """Human-readable lines: the weight of every checkpoint, sizes, layout and memory."""
-    lines = [*_weights(plan), *(f"selected:   {note}" for note in plan.selected), _steps(plan)]
+    lines = [*_weights(plan), *_decay(plan), *(f"selected:   {note}" for note in plan.selected), _steps(plan)]
     lines.append(
         f"effective:  {effective_count(plan.weights):.2f} checkpoints (1 / sum of squared weights)"
         + _implied_sigma_rel(plan)
@@ -70,6 +71,17 @@ def _weights(plan: Plan) -> list[str]:
         notes = f"  ({'; '.join(ck.notes)})" if ck.notes else ""
         at = f"{step:>9}" if step is not None else f"{'?':>9}"
         lines.append(f"  {i:>3}  {w:8.4f}  {bar:<20} {at}  {ck.label}{notes}")
+    return lines
+
+
+def _decay(plan: Plan) -> list[str]:
+    """What an `anneal` merge stands for: the learning-rate multiplier each interval's updates get."""
+    multipliers = getattr(plan.schedule, "multipliers", None)
+    if multipliers is None or len(plan.checkpoints) < 2:
+        return []
+    lines = ["decay:      the learning rate (a fraction of the constant one) each interval stands for:"]
+    for (a, b), m in zip(pairwise(plan.steps), multipliers(plan.steps), strict=True):
+        lines.append(f"  {a:>9} – {b - 1:<9}  {m:6.4f}  {'█' * round(20 * m)}".rstrip())
     return lines
 
 
