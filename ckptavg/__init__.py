@@ -16,7 +16,7 @@ from .schedules import anneal, ema, power_ema, swa, weighted
 
 if TYPE_CHECKING:  # what `__getattr__` loads on first use, visible to editors and type checkers
     from .adapters.options import LoraOptions
-    from .api import average, average_many, bn_update, inspect, open_checkpoints
+    from .api import average, average_many, bn_update, inspect, open_checkpoints, post_hoc_ema
     from .bn.data import DataOptions
     from .bn.statistics import BatchNormPass
     from .formats.readers import open_checkpoint
@@ -49,6 +49,7 @@ __all__ = [
     "inspect",
     "open_checkpoint",
     "open_checkpoints",
+    "post_hoc_ema",
     "power_ema",
     "run_plan",
     "run_plans",
@@ -64,6 +65,7 @@ _LAZY = {
     "OutputOptions": "options",
     "ReadOptions": "options",
     "open_checkpoints": "api",
+    "post_hoc_ema": "api",
     "run_plan": "run.executor",
     "run_plans": "run.executor",
     "build_plan": "plan.plan",

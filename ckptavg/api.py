@@ -340,6 +340,72 @@ def _average_adapters(
         return plans if dry_run else write_adapters(plans)
 
 
+def post_hoc_ema(
+    inputs: Sequence[str | os.PathLike],
+    sigma_rel: float | Sequence[float],
+    *,
+    snapshot_sigma_rel: Sequence[float] | None = None,
+    at_step: int | None = None,
+    read: ReadOptions | None = None,
+    output: OutputOptions | None = None,
+    hub: HubOptions | None = None,
+    dry_run: bool = False,
+    progress: bool = False,
+    on_plans: Callable[[list[Plan]], None] | None = None,
+) -> list[Plan]:
+    """EDM2's post-hoc EMA (Karras et al. 2024): the EMA of profile `sigma_rel`, synthesized from EMA
+    snapshots by the paper's least-squares solve; one output per `sigma_rel`, from one read.
+
+    Each snapshot's profile comes from `snapshot_sigma_rel` (one value per profile, assigned by name:
+    ema-pytorch's `{profile_index}.{step}.pt`, or the value in the name), else its metadata
+    (`sigma_rel`, `gamma`); its step from `output.steps`, a stored step, or its name. Only the
+    snapshots at or before `at_step` (default: the last snapshot's) are used. The plans' parameters
+    hold the fit's residual, and their warnings say when a target is poorly represented.
+
+    Raises:
+        OptionsError: no output, or options that would leave a snapshot out or run under torchrun.
+        InputError: EDM2 `.pkl` snapshots (pickled code), or an unreadable input.
+        ScheduleError: a snapshot's step or profile is unknown, or the solve is singular.
+    """
+    from .phema.schedule import PostHocEma
+    from .phema.snapshots import at_step as snapshots_until
+    from .phema.snapshots import read_snapshots, refuse_pickles, unused_profiles
+
+    read, output = read or ReadOptions(), output or OutputOptions()
+    if output.output is None and not dry_run:
+        raise OptionsError("give an output with `output=PATH` (or check the inputs with `dry_run=True`)")
+    if distributed.launched():
+        raise OptionsError("phema runs in one process: run it without torchrun")
+    if output.nonfinite == "skip-checkpoint":
+        raise OptionsError(
+            "`nonfinite=skip-checkpoint` cannot leave a snapshot out of a post-hoc EMA (the weights are "
+            "solved for all of them); use `nonfinite=error` or `nonfinite=warn`"
+        )
+    targets = [float(sigma_rel)] if isinstance(sigma_rel, (int, float)) else [float(x) for x in sigma_rel]
+    refuse_pickles(inputs)
+    with open_checkpoints(inputs, read, hub=hub, fetch=not dry_run) as checkpoints:
+        snapshots = read_snapshots(checkpoints, snapshot_sigma_rel, output.steps)
+        kept, target, notes = snapshots_until(snapshots, at_step)
+        profiles = tuple(s.profile for s in kept)
+        schedules = [PostHocEma(x, profiles, target) for x in targets]
+        options = replace(output, steps=tuple(p.step for p in profiles))
+        plans = [
+            replace(
+                plan,
+                step_sources=[s.step_source for s in kept],
+                selected=notes,
+                warnings=[*unused_profiles(snapshots, snapshot_sigma_rel), *plan.warnings],
+            )
+            for plan in (
+                build_plan([s.checkpoint for s in kept], schedule, options, output=name)
+                for schedule, name in zip(schedules, output_names(output.output, schedules), strict=True)
+            )
+        ]
+        if on_plans is not None:
+            on_plans(plans)
+        return plans if dry_run else execute(plans, device=output.device, progress=progress)
+
+
 def output_names(output: str | os.PathLike | None, schedules: Sequence[Schedule]) -> list[str | None]:
     """One output per schedule: `output` as given, or formatted with each schedule's parameters.
 

@@ -16,7 +16,7 @@ import click
 
 from .. import __version__
 from ..run import interrupts, supervision
-from .averaging import anneal, avg, ema, swa
+from .averaging import anneal, avg, ema, phema, swa
 from .flags import CONTEXT, EXIT_ERROR, report_interrupt
 from .others import bn_update, inspect
 
@@ -90,5 +90,5 @@ def main():
     """
 
 
-for command in (swa, ema, avg, anneal, bn_update, inspect):
+for command in (swa, ema, avg, anneal, phema, bn_update, inspect):
     main.add_command(command)

@@ -3,6 +3,7 @@ library call (`api.average_many`), its plans reported before the run and its out
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import click
@@ -212,6 +213,109 @@ def anneal(shape, final_lr_ratio, **values):
     from ..schedules import anneal as schedule
 
     _average([schedule(shape, final_lr_ratio=final_lr_ratio)], values)
+
+
+@click.command(cls=GroupedCommand, context_settings=CONTEXT)
+@_method(
+    "--sigma-rel",
+    type=float,
+    multiple=True,
+    required=True,
+    metavar="X",
+    help="The EMA profile to synthesize, e.g. 0.10 (repeatable: several outputs, one read; put "
+    "{sigma_rel} in -o).",
+)
+@_method(
+    "--snapshot-sigma-rel",
+    "snapshot_sigma_rel",
+    callback=parser("floats"),
+    metavar="X1,X2,...",
+    help="The snapshots' profiles, one per profile in the order of ema-pytorch's {profile_index} "
+    "names (or spelled in the names) [default: sigma_rel or gamma in each snapshot's metadata].",
+)
+@_method(
+    "--at-step",
+    type=int,
+    metavar="STEP",
+    help="The EMA as of this step, from the snapshots at or before it [default: the last snapshot's].",
+)
+@functools.partial(
+    apply,
+    [
+        click.argument("inputs", nargs=-1, required=True, metavar="SNAPSHOTS..."),
+        *flags(ReadOptions),
+        *flags(OutputOptions),
+        *flags(HubOptions),
+        *run_flags("Check the snapshots, solve the weights and print the plan; write nothing."),
+    ],
+)
+@reports_errors
+def phema(sigma_rel, snapshot_sigma_rel, at_step, inputs, dry_run, quiet, **values):
+    """Post-hoc EMA from EMA snapshots (EDM2, Karras et al. 2024): any sigma_rel after training.
+
+    \b
+    Training keeps two or more power-function EMAs (ema-pytorch's PostHocEMA, EDM2)
+    and saves snapshots of them; this solves the paper's least-squares problem over
+    the snapshots' profiles (in closed form, float64) for the EMA of another
+    sigma_rel, normalizes the weights to sum to 1 as EDM2 does, and averages the
+    snapshots with them. Weights may be negative. The plan shows the weights and
+    the fit's residual (0: the target profile is represented exactly) and warns
+    when a target lies outside what the snapshots represent well.
+
+    \b
+    Each snapshot needs its step and profile: from ema-pytorch's names
+    ({profile_index}.{step}.pt) with --snapshot-sigma-rel, names holding the value,
+    or sigma_rel/gamma and step in the metadata. EDM2's .pkl snapshots are pickled
+    code and refused: save each one's state dict first.
+
+    \b
+    ckptavg phema --sigma-rel 0.10 --sigma-rel 0.15 'snapshots/*.pt' \\
+        --snapshot-sigma-rel 0.05,0.28 -o 'phema_{sigma_rel}.safetensors'
+    ckptavg phema --sigma-rel 0.10 --at-step 400000 'snapshots/*.pt' --snapshot-sigma-rel 0.05,0.28 -o ema.pt
+    """
+    from ..api import post_hoc_ema
+
+    progress = not quiet and sys.stderr.isatty()
+    shown: list[str] = []
+
+    def report(plans) -> None:
+        if not quiet or dry_run:
+            for i, plan in enumerate(plans):
+                residual = plan.schedule.solution.residual
+                fit = f"fit:        residual {residual:.2%} of the target profile (0: exact)"
+                say(*([""] if i else []), *plan.describe(), fit)
+        shown.extend(w for plan in plans for w in plan.warnings)
+        for warning in shown:
+            say(f"warning: {warning}", err=True)
+
+    plans = post_hoc_ema(
+        inputs,
+        sigma_rel,
+        snapshot_sigma_rel=snapshot_sigma_rel,
+        at_step=at_step,
+        read=take(ReadOptions, values),
+        output=take(OutputOptions, values),
+        hub=take(HubOptions, values, progress=progress),
+        dry_run=dry_run,
+        progress=progress,
+        on_plans=report,
+    )
+    _report_written(plans, dry_run, quiet, len(shown))
+
+
+def _report_written(plans, dry_run: bool, quiet: bool, shown: int) -> None:
+    """After the run: warnings found while averaging, then each output written."""
+    if dry_run:
+        say("dry run: nothing written")
+        return
+    for warning in [w for plan in plans for w in plan.warnings][shown:]:
+        say(f"warning: {warning}", err=True)
+    if not quiet:
+        from ..units import format_bytes
+
+        for plan in plans:
+            size = f"{format_bytes(plan.output_nbytes)}, {len(plan.tensors)} tensors"
+            say(f"wrote {plan.output}{'/' if plan.folder else ''} ({size})")
 
 
 def _average(schedules, values: dict) -> None:
