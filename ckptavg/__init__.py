@@ -16,7 +16,7 @@ from .schedules import anneal, ema, power_ema, swa, weighted
 
 if TYPE_CHECKING:  # what `__getattr__` loads on first use, visible to editors and type checkers
     from .adapters.options import LoraOptions
-    from .api import average, average_many, bn_update, inspect, open_checkpoints, post_hoc_ema
+    from .api import average, average_many, bn_update, inspect, open_checkpoints, post_hoc_ema, soup
     from .bn.data import DataOptions
     from .bn.statistics import BatchNormPass
     from .formats.readers import open_checkpoint
@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # what `__getattr__` loads on first use, visible to editors a
     from .options import OutputOptions, ReadOptions
     from .plan.plan import build_plan
     from .run.executor import run_plan, run_plans
+    from .soups.options import SoupOptions
 
 __all__ = [
     "BatchNormPass",
@@ -39,6 +40,7 @@ __all__ = [
     "ReadOptions",
     "ScheduleError",
     "Selection",
+    "SoupOptions",
     "__version__",
     "anneal",
     "average",
@@ -53,6 +55,7 @@ __all__ = [
     "power_ema",
     "run_plan",
     "run_plans",
+    "soup",
     "swa",
     "weighted",
 ]
@@ -66,6 +69,8 @@ _LAZY = {
     "ReadOptions": "options",
     "open_checkpoints": "api",
     "post_hoc_ema": "api",
+    "soup": "api",
+    "SoupOptions": "soups.options",
     "run_plan": "run.executor",
     "run_plans": "run.executor",
     "build_plan": "plan.plan",

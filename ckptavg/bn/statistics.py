@@ -223,6 +223,31 @@ def average_then_recompute_statistics(
     return replace(final, warnings=averaged.warnings)  # the averaging's, not those of the copy
 
 
+def update_in_place(model, bn: BatchNormPass) -> Batches:
+    """torch's `update_bn` over the pass's data on a model that already holds its weights (on the
+    pass's device); the model is left in train mode, as `update_bn` leaves it.
+
+    Raises:
+        InputError: no input reached the model.
+    """
+    import torch
+    from torch.optim.swa_utils import update_bn
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    batches = open_batches(bn.data, model)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(bn.amp) if bn.amp else None
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        update_bn(_feed(batches, device, bn.channels_last, _NoBar()), _calling_with_batch(model))
+    if batches.samples == 0:
+        raise InputError(f"`data={bn.data.data}`: no input reached the model")
+    return batches
+
+
+class _NoBar:
+    def update(self, count: int) -> None:
+        pass
+
+
 def _statistics_names(model) -> list[str]:
     from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -245,7 +270,7 @@ def check_pass(checkpoint: Checkpoint, bn: BatchNormPass) -> list[str]:
         raise NoBatchNormError(
             f"`model={bn.model}` has no BatchNorm layer: there are no statistics to recompute"
         )
-    _check_fit(model, checkpoint, bn.model)
+    check_fit(model, checkpoint, bn.model)
     batches = open_batches(bn.data, model)
     return [
         f"model:      {bn.model}: {len(statistics) // 3} BatchNorm layers, the weights fit",
@@ -255,11 +280,11 @@ def check_pass(checkpoint: Checkpoint, bn: BatchNormPass) -> list[str]:
 
 
 def _load_weights(model, checkpoint: Checkpoint, spec: str) -> None:
-    _check_fit(model, checkpoint, spec)
+    check_fit(model, checkpoint, spec)
     model.load_state_dict({name: checkpoint.get(name) for name in model.state_dict()}, strict=True)
 
 
-def _check_fit(model, checkpoint: Checkpoint, spec: str) -> None:
+def check_fit(model, checkpoint: Checkpoint, spec: str) -> None:
     """Names and shapes of the weights against the model's, all listed at once (strict loading)."""
     from ..errors import MismatchError
 

@@ -19,6 +19,7 @@ from ..run import interrupts, supervision
 from .averaging import anneal, avg, ema, phema, swa
 from .flags import CONTEXT, EXIT_ERROR, report_interrupt
 from .others import bn_update, inspect
+from .soup import soup
 
 
 def run() -> None:
@@ -90,5 +91,5 @@ def main():
     """
 
 
-for command in (swa, ema, avg, anneal, phema, bn_update, inspect):
+for command in (swa, ema, avg, anneal, phema, soup, bn_update, inspect):
     main.add_command(command)
