@@ -76,7 +76,8 @@ def main():
     memory stays flat whatever the model size. The output is written atomically:
     a failed or interrupted run leaves nothing behind. Torch files are loaded with
     weights_only=True: nothing in a checkpoint ever runs. The only code ckptavg
-    imports on your behalf is what --model and --data name (bn-update, --bn-data).
+    imports on your behalf is what --model, --data and --eval name (bn-update, --bn-data,
+    soup).
 
     \b
     ckptavg swa 'ckpts/*.safetensors' -o swa.safetensors
