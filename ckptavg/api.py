@@ -117,7 +117,7 @@ def average(
     exclude: Sequence[str] = (),
     hub: HubOptions | None = None,
     dtype: str | None = None,
-    accum_dtype: str = "float32",
+    accum_dtype: str = "auto",
     device: str = "cpu",
     max_shard_size: int | str | None = None,
     format: str | None = None,
@@ -149,7 +149,9 @@ def average(
             pattern matches (e.g. `exclude=["head.*"]`); the plan says what each removed.
         hub: for `hf://` inputs: `HubOptions(token=..., cache_dir=..., offline=...)`.
         dtype: output dtype of floating tensors; default: as in the first checkpoint.
-        accum_dtype: `float32`, or `float64` for extra precision.
+        accum_dtype: `float64` (every output value correctly rounded), `float32` (a plain sum,
+            a few units in the last place off), or `auto`: float64 for float32 and float64 outputs,
+            float32 for narrower ones.
         device: `cpu`, `cuda`, `cuda:N` or `auto`; where the sums are computed.
         max_shard_size: largest output file, e.g. `"5GB"` (folder outputs).
         format: `"dcp"` writes the output folder as a torch.distributed.checkpoint.

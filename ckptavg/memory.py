@@ -13,3 +13,5 @@ BUFFERS_IN_FLIGHT = 3
 # Staging for writes past the page cache (O_DIRECT): a multiple of every block size it aligns to.
 STAGING_BYTES = 4 * 2**20
 STAGING_BUFFERS = 4
+# Temporaries per element of rounding a float64 chunk to odd float32 before a narrower output dtype.
+ROUNDING_BYTES = 26

@@ -191,11 +191,14 @@ class OutputOptions:
     )
     force: bool = option(False, group="Output", help="Replace an existing output.")
     accum_dtype: str = option(
-        "float32",
+        "auto",
         group="Run",
-        choices=("float32", "float64"),
+        choices=("auto", "float32", "float64"),
         show_default=True,
-        help="Dtype the sums are computed in.",
+        help="Dtype the sums are computed in: float64 gives every output value correctly rounded (the "
+        "nearest of its dtype to the exact average), float32 a plain sum a few units in the last place "
+        "off; auto: float64 for float32 and float64 outputs, float32 for narrower ones (where float64 "
+        "costs time).",
     )
     device: str = option(
         "cpu",

@@ -23,7 +23,7 @@ from ..formats.readers import Checkpoint
 from ..formats.safetensors_header import layout_order
 from ..inputs.duplicates import duplicate_warnings
 from ..inputs.selection import Selection, choose
-from ..memory import BUFFERS_IN_FLIGHT, CHUNK_ELEMENTS, STAGING_BUFFERS, STAGING_BYTES
+from ..memory import BUFFERS_IN_FLIGHT, CHUNK_ELEMENTS, ROUNDING_BYTES, STAGING_BUFFERS, STAGING_BYTES
 from ..options import OutputOptions
 from ..schedules import Schedule
 from .layout import COPIED_KEY, VERSION_KEY, Layout, lay_out
@@ -115,14 +115,17 @@ class Plan:
             total += sum(ck.tensors[tensor.name].nbytes for ck in sources)
         return total
 
+    def accumulator(self, name: str, output_dtype: str) -> str:
+        """`F64` or `F32`: what a tensor is summed in. Float64 sums give correctly rounded outputs;
+        `auto` uses them where they cost nothing measurable, for float32 and float64 outputs."""
+        if self.accum_dtype == "F64" or any(ck.tensors[name].dtype == "F64" for ck in self.checkpoints):
+            return "F64"
+        return "F64" if self.accum_dtype == "auto" and output_dtype in ("F32", "F64") else "F32"
+
     @property
-    def summed_in_float64(self) -> list[str]:
-        """Averaged tensors stored in float64 somewhere: summed in float64 whatever `accum_dtype` says."""
-        return [
-            t.name
-            for t in self.tensors
-            if t.averaged and any(ck.tensors[t.name].dtype == "F64" for ck in self.checkpoints)
-        ]
+    def accumulators(self) -> dict[str, str]:
+        """Each averaged tensor's accumulator, by name."""
+        return {t.name: self.accumulator(t.name, t.dtype) for t in self.tensors if t.averaged}
 
     @property
     def working_bytes(self) -> int:
@@ -131,13 +134,16 @@ class Plan:
         DCP chunks, read one at a time)."""
         averaged = [t for t in self.tensors if t.averaged]
         elements = min(max((t.numel for t in averaged), default=0), CHUNK_ELEMENTS)
-        accum = "F64" if self.summed_in_float64 else self.accum_dtype
+        used = self.accumulators
+        accum = "F64" if "F64" in used.values() else "F32"
         accumulators = (BUFFERS_IN_FLIGHT + 1) * dtypes.itemsize(accum)
         outputs = BUFFERS_IN_FLIGHT * sum(dtypes.itemsize(d) for d in {t.dtype for t in averaged})
         largest_file = max((file.nbytes for file in self.files), default=0)
         staging = min(STAGING_BUFFERS, -(-largest_file // STAGING_BYTES)) * STAGING_BYTES
         decoded = sum(ck.decoded_bytes for ck in self.checkpoints)
-        return elements * (accumulators + outputs) + staging + decoded
+        narrowed = any(used[t.name] == "F64" and dtypes.itemsize(t.dtype) < 4 for t in averaged)
+        rounding = ROUNDING_BYTES if narrowed else 0  # through float32, rounded to odd (`run.engine`)
+        return elements * (accumulators + outputs + rounding) + staging + decoded
 
     def metadata(self) -> dict[str, str]:
         """Provenance stored in the output's `__metadata__` (all values are strings).
@@ -154,7 +160,9 @@ class Plan:
             VERSION_KEY: __version__,
             "ckptavg.method": self.schedule.method,
             "ckptavg.params": json.dumps(self.schedule.params()),
-            "ckptavg.accum_dtype": dtypes.user_name(self.accum_dtype),
+            "ckptavg.accum_dtype": "auto"
+            if self.accum_dtype == "auto"
+            else dtypes.user_name(self.accum_dtype),
             "ckptavg.inputs": json.dumps(
                 [
                     {"path": ck.origin, "weight": w, **({"step": step} if step is not None else {})}
@@ -243,9 +251,9 @@ def build_plan(
     weights = schedule.weights(len(checkpoints), found)
     _check_holds_weights(checkpoints)
     _check_same_model(checkpoints)
-    accum = _dtype_name(options.accum_dtype, "`accum_dtype`")
-    if accum not in ("F32", "F64"):
-        raise OutputError(f"`accum_dtype` must be float32 or float64, got {options.accum_dtype}")
+    accum = "auto" if options.accum_dtype == "auto" else _dtype_name(options.accum_dtype, "`accum_dtype`")
+    if accum not in ("auto", "F32", "F64"):
+        raise OutputError(f"`accum_dtype` must be auto, float32 or float64, got {options.accum_dtype}")
     tensors = _output_tensors(checkpoints, _dtype_name(options.dtype, "`dtype`") if options.dtype else None)
     warnings = [
         *schedule.warnings(len(checkpoints)),

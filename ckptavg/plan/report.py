@@ -8,7 +8,6 @@ from itertools import pairwise
 from typing import TYPE_CHECKING
 
 from ..errors import plural
-from ..formats.dtypes import user_name
 from ..formats.name_filter import describe_rules
 from ..memory import CHUNK_ELEMENTS
 from ..schedules import effective_count, implied_sigma_rel
@@ -105,9 +104,14 @@ def _kinds(plan: Plan) -> str:
         return "all copied: there is one checkpoint"
     averaged = [t for t in plan.tensors if t.averaged]
     copied = len(plan.tensors) - len(averaged)
-    kinds = f"{len(averaged)} averaged in {user_name(plan.accum_dtype)}"
-    wide = len(plan.summed_in_float64) if plan.accum_dtype != "F64" else 0
-    kinds += f", {wide} of them (stored in float64) in float64" if wide else ""
+    used = list(plan.accumulators.values())
+    wide, plain = used.count("F64"), used.count("F32")
+    parts = [f"{wide} in float64, correctly rounded"] if wide else []
+    if plain:
+        parts.append(
+            f"{plain} in float32, to a few units in the last place (`accum_dtype=float64` rounds correctly)"
+        )
+    kinds = f"{len(averaged)} averaged: {', '.join(parts)}" if averaged else "0 averaged"
     return kinds + (f", {copied} integer/bool copied from the last checkpoint" if copied else "")
 
 

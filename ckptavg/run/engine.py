@@ -217,9 +217,9 @@ class Engine:
         ]
 
     def _dtypes_of(self, tensor: Span) -> _Dtypes:
-        """How an averaged tensor is summed and written. Float64 tensors are summed in float64."""
+        """How an averaged tensor is summed and written (the plan's `accumulator`)."""
         stored = self._stored_dtypes(tensor)
-        accum = dtypes.torch_dtype("F64" if "F64" in stored else self.plan.accum_dtype)
+        accum = dtypes.torch_dtype(self.plan.accumulator(tensor.name, tensor.dtype))
         out = dtypes.torch_dtype(tensor.dtype)
         return _Dtypes(accum, out, self._may_overflow(stored, out))
 
@@ -303,8 +303,7 @@ class Engine:
         """Apply the plans' policy to a NaN or Inf in checkpoint `index`'s `tensor`."""
         if index is None:
             raise CkptavgError(
-                f"tensor '{tensor.name}': its average overflows {self.plan.accum_dtype}; "
-                "try `accum_dtype=float64`"
+                f"tensor '{tensor.name}': its average overflows float32; try `accum_dtype=float64`"
             )
         checkpoint = self.plan.checkpoints[index]
         reason = f"tensor '{tensor.name}' holds NaN or Inf values"
@@ -355,9 +354,25 @@ class Engine:
             )
         buffer = pool.acquire()
         on_gpu = values.device.type == "cuda"
+        if values.dtype == torch.float64 and dtype.itemsize < 4:
+            values = _to_odd_float32(values)  # torch narrows float64 through float32, rounding twice
         if on_gpu:
             values = values.to(dtype)  # cast on the device: fewer bytes to bring back
         return buffer[: values.numel()].copy_(values, non_blocking=on_gpu), lambda: pool.release(buffer)
+
+
+def _to_odd_float32(values: torch.Tensor) -> torch.Tensor:
+    """Float64 values rounded to float32 to odd: an inexact result takes the neighbour whose last bit
+    is 1. Rounded again to any dtype at least 2 bits narrower (bfloat16, float16, float8), that is
+    the correctly rounded value, where rounding to nearest twice can land on a tie and miss it."""
+    narrow = values.to(torch.float32)
+    widened = narrow.to(torch.float64)
+    bits = narrow.view(torch.int32)
+    inexact = (widened != values).logical_and_(bits.bitwise_and(1) == 0).logical_and_(torch.isfinite(narrow))
+    # A bit pattern one up is one float32 further from zero, one down one nearer (sign and magnitude).
+    away = values.abs() > widened.abs()
+    bits.add_(torch.where(away, 1, -1).mul_(inexact))
+    return narrow
 
 
 def _flat(checkpoint, span: Span) -> torch.Tensor:

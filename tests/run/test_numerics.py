@@ -75,7 +75,9 @@ def test_float64_tensors_are_summed_in_float64(tmp_path):
     out = tmp_path / "o.safetensors"
     result = run("swa", *paths, "-o", out)
     assert result.exit_code == 0, result.output
-    assert "1 of them (stored in float64) in float64" in result.output
+    assert "2 averaged: 2 in float64, correctly rounded" in result.output
+    result = run("swa", *paths, "-o", out, "--force", "--accum-dtype", "float32")
+    assert "2 averaged: 1 in float64, correctly rounded, 1 in float32" in result.output
     expected = torch.stack(values).mean(0)
     assert torch.equal(load_file(out)["d"], expected)
 
