@@ -66,13 +66,14 @@ class Span:
 
 
 def spans(plan: Plan) -> list[Span]:
-    """The plan's computed tensors (tied copies excluded) in write order, adjacent ones joined."""
+    """The plan's computed tensors (tied copies excluded) in write order, adjacent ones joined (never
+    in a DCP output, where each tensor is an archive of its own)."""
     file_of = {t.name: i for i, f in enumerate(plan.files) for t in f.tensors}
     tied = {t.same_as for t in plan.tensors if t.same_as is not None}
     found: list[Span] = []
     current: list[TensorPlan] = []
     for tensor in plan.computed:
-        joinable = tensor.averaged and tensor.name not in tied
+        joinable = tensor.averaged and tensor.name not in tied and not plan.layout.dcp
         if current and joinable and _adjacent(plan.checkpoints, current[-1], tensor, file_of):
             current.append(tensor)
             continue

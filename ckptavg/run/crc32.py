@@ -31,6 +31,8 @@ def combine(first: int, second: int, second_length: int) -> int:
     """The CRC-32 of A + B, from A's CRC-32, B's CRC-32 and B's length in bytes."""
     if second_length <= 0:
         return first
+    if not first:  # the zero bytes leave a zero register as it is (A empty, or its CRC-32 zero)
+        return second
     odd = [_POLYNOMIAL] + [1 << n for n in range(31)]  # the register shifted by one zero bit
     even = _square(odd)  # two zero bits
     odd = _square(even)  # four

@@ -119,6 +119,79 @@ class _Archive:
         return self.start + self.records[-1].offset + 14
 
 
+class DcpLayout:
+    """Where everything lies in a DCP output's `.distcp` file, from the plan alone: the provenance,
+    then each tensor's archive (so any number of processes can fill it in at known offsets)."""
+
+    def __init__(self, entries: Sequence[Entry], metadata: dict[str, str]):
+        import torch
+
+        provenance = io.BytesIO()
+        torch.save(dict(metadata), provenance)
+        self.provenance = provenance.getvalue()
+        self.archives: dict[str, _Archive] = {}
+        offset = len(self.provenance)
+        for entry in entries:
+            archive = _Archive(entry, offset)
+            self.archives[entry.name] = archive
+            offset = archive.end
+        self.size = offset  # of the whole file
+
+    def write_heads(self, fd: int, label: Path) -> None:
+        """The provenance and every archive's records before its tensor's bytes."""
+        write_at(fd, memoryview(self.provenance), 0, label)
+        for archive in self.archives.values():
+            write_at(fd, memoryview(bytes(archive.head)), archive.start, label)
+
+    def write_tails(self, fd: int, crcs: dict[str, int], label: Path) -> None:
+        """Every archive completed: its data record's CRC-32 (`crcs`, by tensor) in its local header,
+        then the records after the data and the directory."""
+        for name, archive in self.archives.items():
+            archive.crc = crcs[name]
+            write_at(fd, memoryview(struct.pack("<I", archive.crc)), archive.data_header_crc_offset(), label)
+            write_at(fd, memoryview(archive.tail()), archive.tail_start, label)
+
+    def write_metadata(self, path: Path, key: str | None) -> None:
+        """`.metadata` beside the data file `path`, flushed to disk."""
+        with open(path.with_name(METADATA_NAME), "xb") as f:
+            f.write(pickle.dumps(self._metadata(path.name, key)))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _metadata(self, data_name: str, key: str | None):
+        """DCP's `Metadata` of the folder: one chunk per tensor, the provenance as a bytes item."""
+        import torch
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+        from torch.distributed.checkpoint.metadata import (
+            BytesStorageMetadata,
+            ChunkStorageMetadata,
+            Metadata,
+            MetadataIndex,
+            StorageMeta,
+            TensorProperties,
+            TensorStorageMetadata,
+        )
+
+        prefix = (key,) if key else ()
+        entries: dict = {PROVENANCE_KEY: BytesStorageMetadata()}
+        paths: dict = {PROVENANCE_KEY: (PROVENANCE_KEY,)}
+        storage: dict = {MetadataIndex(PROVENANCE_KEY): _StorageInfo(data_name, 0, len(self.provenance))}
+        for name, archive in self.archives.items():
+            fqn = ".".join((*prefix, name))
+            shape = torch.Size(archive.entry.shape)
+            zeros = torch.Size([0] * len(shape))
+            entries[fqn] = TensorStorageMetadata(
+                TensorProperties(dtype=dtypes.torch_dtype(archive.entry.dtype)),
+                shape,
+                [ChunkStorageMetadata(offsets=zeros, sizes=shape)],
+            )
+            paths[fqn] = (*prefix, name)
+            storage[MetadataIndex(fqn, zeros, 0)] = _StorageInfo(data_name, archive.start, archive.length)
+        return Metadata(
+            entries, planner_data=paths, storage_data=storage, storage_meta=StorageMeta(), version="1.0.0"
+        )
+
+
 class DcpWriter:
     """Writes a DCP output folder's `.distcp` file tensor by tensor, then its `.metadata`."""
 
@@ -127,23 +200,12 @@ class DcpWriter:
     def __init__(
         self, path: Path, entries: Sequence[Entry], metadata: dict[str, str], key: str | None, label: Path
     ):
-        import torch
-
         self.path, self.label, self._key = path, label, key
-        provenance = io.BytesIO()
-        torch.save(dict(metadata), provenance)
-        self._provenance = provenance.getvalue()
-        self._archives: dict[str, _Archive] = {}
-        offset = len(self._provenance)
-        for entry in entries:
-            archive = _Archive(entry, offset)
-            self._archives[entry.name] = archive
-            offset = archive.end
+        self._layout = DcpLayout(entries, metadata)
+        self._archives = self._layout.archives
         self._file = open(path, "xb", buffering=0)  # noqa: SIM115 (closed in finish/abort)
         try:
-            write_at(self._file.fileno(), memoryview(self._provenance), 0, self.label)
-            for archive in self._archives.values():
-                write_at(self._file.fileno(), memoryview(bytes(archive.head)), archive.start, self.label)
+            self._layout.write_heads(self._file.fileno(), self.label)
         except BaseException:
             self._file.close()
             raise
@@ -171,56 +233,13 @@ class DcpWriter:
                     f"{self.label}: wrote {archive.written} of {archive.nbytes} bytes of '{name}' "
                     "(internal error)"
                 )
-            write_at(
-                fd, memoryview(struct.pack("<I", archive.crc)), archive.data_header_crc_offset(), self.label
-            )
-            write_at(fd, memoryview(archive.tail()), archive.tail_start, self.label)
+        self._layout.write_tails(fd, {name: a.crc for name, a in self._archives.items()}, self.label)
         os.fsync(fd)
         self._file.close()
-        with open(self.path.with_name(METADATA_NAME), "xb") as f:
-            f.write(pickle.dumps(self._metadata()))
-            f.flush()
-            os.fsync(f.fileno())
+        self._layout.write_metadata(self.path, self._key)
 
     def abort(self) -> None:
         self._file.close()
-
-    def _metadata(self):
-        """DCP's `Metadata` of the folder: one chunk per tensor, the provenance as a bytes item."""
-        import torch
-        from torch.distributed.checkpoint.filesystem import _StorageInfo
-        from torch.distributed.checkpoint.metadata import (
-            BytesStorageMetadata,
-            ChunkStorageMetadata,
-            Metadata,
-            MetadataIndex,
-            StorageMeta,
-            TensorProperties,
-            TensorStorageMetadata,
-        )
-
-        prefix = (self._key,) if self._key else ()
-        entries: dict = {PROVENANCE_KEY: BytesStorageMetadata()}
-        paths: dict = {PROVENANCE_KEY: (PROVENANCE_KEY,)}
-        storage: dict = {
-            MetadataIndex(PROVENANCE_KEY): _StorageInfo(self.path.name, 0, len(self._provenance))
-        }
-        for name, archive in self._archives.items():
-            fqn = ".".join((*prefix, name))
-            shape = torch.Size(archive.entry.shape)
-            zeros = torch.Size([0] * len(shape))
-            entries[fqn] = TensorStorageMetadata(
-                TensorProperties(dtype=dtypes.torch_dtype(archive.entry.dtype)),
-                shape,
-                [ChunkStorageMetadata(offsets=zeros, sizes=shape)],
-            )
-            paths[fqn] = (*prefix, name)
-            storage[MetadataIndex(fqn, zeros, 0)] = _StorageInfo(
-                self.path.name, archive.start, archive.length
-            )
-        return Metadata(
-            entries, planner_data=paths, storage_data=storage, storage_meta=StorageMeta(), version="1.0.0"
-        )
 
 
 def _local_header(record: _Record) -> bytes:

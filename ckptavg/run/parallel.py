@@ -6,12 +6,13 @@ The steps, each ended by a collective that every rank's outcome goes through
 
 1. rank 0 opens the output's transaction (`transaction`) and creates every output
    file whole, header and size (`shared.create`): the torch output's scratch file, a
-   single file, or each shard of a folder;
+   single file, each shard of a folder, or a DCP folder's `.distcp` (`dcp_shared`);
 2. every rank finds those files where it sees the output (a file system shared by
    every rank, or the run stops here) and opens the ones its share writes;
 3. every rank sums its share (`split`) and writes it in place, then fsyncs;
-4. rank 0 writes what else the output needs (index, side files, the torch file)
-   and commits; nothing is in place before every rank has reported its part.
+4. rank 0 writes what else the output needs (index, side files, the torch file, a
+   DCP output's CRC-32s joined from every rank's pieces and its `.metadata`) and
+   commits; nothing is in place before every rank has reported its part.
 
 On failure rank 0's transaction removes the temporaries; the other ranks remove
 them too, in case rank 0 is the one that died.
@@ -32,7 +33,7 @@ from ..disk import ensure_free_space
 from ..errors import MismatchError, OutputError, name_list, plural
 from ..plan.plan import Plan
 from ..plan.spans import spans
-from . import interrupts
+from . import dcp_shared, interrupts
 from .distributed import Group
 from .executor import execute as execute_plans
 from .executor import finish_output, space_needed
@@ -107,11 +108,6 @@ def _write(plans: list[Plan], group: Group, *, device: str, progress: bool) -> l
             f"{first.output}: an output like the last input (`like_last`, .ckpt, .pth.tar) is written by "
             "one process; run it without torchrun, or write a .safetensors, .pt or folder output"
         )
-    if first.layout.dcp:
-        raise OutputError(
-            f"{first.output}: a DCP output (`format=dcp`) is written by one process for now; run it "
-            "without torchrun, or write a .safetensors, .pt or folder output"
-        )
     share = _shares(first, group)[group.rank]
     metadata = [plan.metadata() for plan in plans]
     with ExitStack() as stack:
@@ -131,11 +127,17 @@ def _write(plans: list[Plan], group: Group, *, device: str, progress: bool) -> l
             found = _sum(plans, share, writers, group, device=device, progress=progress)
         except Exception as e:
             error = e
-        warnings = list(dict.fromkeys(w for ws in group.check(error, found) for w in ws))
+        outcomes = group.check(error, (found, _pieces(writers)))
+        warnings = list(dict.fromkeys(w for ws, _ in outcomes for w in ws))
+        by_plan = list(zip(*(pieces for _, pieces in outcomes), strict=True))  # each output's, by rank
         error = None
         if group.rank == 0:
             try:
-                for plan, (output, streamed), meta in zip(plans, opened, metadata, strict=True):
+                for plan, (output, streamed), meta, pieces in zip(
+                    plans, opened, metadata, by_plan, strict=True
+                ):
+                    if plan.layout.dcp:
+                        _complete_dcp(plan, output, meta, pieces)
                     finish_output(plan, output, streamed, meta)
             except Exception as e:
                 error = e
@@ -155,7 +157,8 @@ def _open_outputs(plans: list[Plan], metadata: list[dict], stack: ExitStack):
         files = {}
         for file in plan.files:
             path = streamed or output.path_of(file.name)
-            create(path, [t.entry for t in file.tensors], meta, _label(plan, file.name))
+            make = dcp_shared.create if plan.layout.dcp else create
+            make(path, [t.entry for t in file.tensors], meta, _label(plan, file.name))
             files[file.name] = os.path.relpath(path, plan.output.parent)
         temporaries = [output.path_of("")] if plan.folder else [output.path_of(plan.output.name)]
         temporaries += [streamed] if streamed is not None else []
@@ -181,7 +184,8 @@ def _attach(plans: list[Plan], made: list[dict], metadata: list[dict], share: Sh
                 )
             if expected:
                 entries = [t.entry for t in file.tensors]
-                writer = SharedWriter(path, entries, meta, _label(plan, file.name), expected)
+                kind = dcp_shared.SharedDcpWriter if plan.layout.dcp else SharedWriter
+                writer = kind(path, entries, meta, _label(plan, file.name), expected)
                 stack.callback(writer.abort)
                 by_name.update((t.name, writer) for t in file.tensors)
         writers.append(by_name)
@@ -232,6 +236,28 @@ def _sum(plans: list[Plan], share: Share, writers: list[dict], group: Group, *, 
     for checkpoint in first.checkpoints:
         checkpoint.check_unchanged()
     return engine.warnings
+
+
+def _pieces(writers: list[dict]) -> list[dcp_shared.Pieces]:
+    """Each output's CRC-32s of the pieces this rank wrote, by tensor (DCP outputs; others have none)."""
+    found = []
+    for by_name in writers:
+        pieces: dcp_shared.Pieces = {}
+        for writer in {id(w): w for w in by_name.values()}.values():
+            if isinstance(writer, dcp_shared.SharedDcpWriter):
+                pieces.update(writer.pieces)
+        found.append(pieces)
+    return found
+
+
+def _complete_dcp(
+    plan: Plan, output: OutputTransaction, metadata: dict, pieces: Sequence[dcp_shared.Pieces]
+) -> None:
+    """Rank 0: the DCP output's archives completed from every rank's pieces, then its `.metadata`."""
+    for file in plan.files:
+        entries = [t.entry for t in file.tensors]
+        label = _label(plan, file.name)
+        dcp_shared.complete(output.path_of(file.name), entries, metadata, plan.layout.dcp_key, label, pieces)
 
 
 def _label(plan: Plan, name: str) -> Path:

@@ -51,11 +51,7 @@ class SharedWriter:
         self, path: Path, entries: Sequence[Entry], metadata: dict[str, str], label: Path, expected: int
     ):
         self.label = label
-        self._offsets: dict[str, int] = {}
-        offset = len(encode_header(entries, metadata))
-        for entry in entries:
-            self._offsets[entry.name] = offset
-            offset += entry.nbytes
+        self._offsets = self.data_offsets(entries, metadata)
         self._expected = expected
         self._written = 0
         self._unflushed = 0
@@ -63,6 +59,14 @@ class SharedWriter:
             self._fd = os.open(path, os.O_WRONLY)
         except OSError as e:
             raise OutputError(f"{label}: cannot open its temporary file {path}: {e.strerror or e}") from e
+
+    def data_offsets(self, entries: Sequence[Entry], metadata: dict[str, str]) -> dict[str, int]:
+        """Where each tensor's bytes start in the file: past the header, back to back."""
+        offsets, offset = {}, len(encode_header(entries, metadata))
+        for entry in entries:
+            offsets[entry.name] = offset
+            offset += entry.nbytes
+        return offsets
 
     def write(self, name: str, start: int, tensor) -> None:
         """Write a contiguous CPU tensor's bytes into tensor `name`, `start` bytes into its data."""

@@ -73,6 +73,7 @@ def describe_shares(plan: Plan, found: Sequence[Share], hosts: Sequence[str]) ->
     for rank, (share, host) in enumerate(zip(found, hosts, strict=True)):
         files = ", ".join(f"{format_bytes(n)} of {plan.files[i].name}" for i, n in share.writes.items())
         files = files or "nothing"
-        header = ", then the headers and the commit" if rank == 0 else ""
+        finish = "the archives' records and CRC-32s, .metadata" if plan.layout.dcp else "the headers"
+        header = f", then {finish} and the commit" if rank == 0 else ""
         lines.append(f"  rank {rank} ({host}): reads {format_bytes(share.reads)}, writes {files}{header}")
     return lines
