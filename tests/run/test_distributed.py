@@ -3,13 +3,14 @@ byte-identical to a single process; a failing, killed or interrupted rank leaves
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -67,14 +68,19 @@ def _torchrun(args: list[str], cwd: Path, nproc: int = 2, **env) -> subprocess.C
     return subprocess.run(command, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=LIMIT)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@functools.cache
+def _rendezvous_store():
+    """The c10d rendezvous store of the two-node launches, hosted here for the whole session: its port
+    is listening before any agent starts and never released, so nothing else can take it in between
+    (a port found free and closed can be, before an agent binds it)."""
+    return torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True)
 
 
 def _two_nodes(args: list[str], cwds: tuple[Path, Path], **env) -> list[subprocess.Popen]:
-    port = _free_port()
+    """Two agents of one rendezvous (a fresh id each launch), both clients of `_rendezvous_store`.
+    Each has its own local address: no host name looked up, and ranks (ordered by address, then
+    pid, which wraps) always put node 0 first."""
+    port, run = _rendezvous_store().port, uuid.uuid4().hex
     return [
         subprocess.Popen(
             [
@@ -89,8 +95,12 @@ def _two_nodes(args: list[str], cwds: tuple[Path, Path], **env) -> list[subproce
                 "c10d",
                 "--rdzv-endpoint",
                 f"127.0.0.1:{port}",
+                "--rdzv-id",
+                run,
                 "--rdzv-conf",
-                f"is_host={int(node == 0)}",
+                "is_host=0",
+                "--local-addr",
+                f"127.0.0.{node + 1}",
                 "--max-restarts",
                 "0",
                 str(WORKER),
