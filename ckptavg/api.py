@@ -22,8 +22,9 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .adapters.options import LoraOptions
-from .errors import OptionsError
+from .errors import CkptavgError, OptionsError
 from .formats.readers import Checkpoint, open_checkpoint, open_headers
+from .formats.remote_files import RangeReader, open_remote_checkpoint
 from .inputs.folders import Source
 from .inputs.hub_options import HubOptions
 from .inputs.selection import Selection
@@ -35,6 +36,7 @@ from .run import distributed, parallel, supervision
 from .run.executor import execute
 from .schedules import Schedule
 from .soups.options import SoupOptions
+from .units import parse_size
 
 if TYPE_CHECKING:
     from .adapters.records import AdapterPlan
@@ -55,7 +57,8 @@ def open_checkpoints(
     """Resolve specs (files, folders, quoted globs, `hf://` paths) and open each checkpoint.
 
     `read` (or its fields as keywords: `key`, `strip_prefix`, `include`, `exclude`, `keep_order`,
-    `weights_name`, `master_weights`) says how; `hub` says how to reach the Hub (token, cache, offline).
+    `weights_name`, `master_weights`; for URLs `storage_options`, `read_ahead`, `remote_requests`)
+    says how; `hub` says how to reach the Hub (token, cache, offline).
     Hub inputs are fetched into its cache here, unless `fetch` is False: then Hub
     safetensors checkpoints not in the cache are opened from their headers, read with
     range requests, which is enough to plan (`dry_run`).
@@ -66,14 +69,29 @@ def open_checkpoints(
         **{name: _patterns(getattr(read, name)) for name in ("strip_prefix", "include", "exclude")},
     )
     sources = resolve_sources(
-        specs, keep_order=read.keep_order, hub=hub, fetch=fetch, weights_name=read.weights_name
+        specs,
+        keep_order=read.keep_order,
+        hub=hub,
+        fetch=fetch,
+        weights_name=read.weights_name,
+        storage_options=read.storage_options,
     )
     with ExitStack() as stack:
-        checkpoints = [stack.enter_context(_open_source(source, read)) for source in sources]
+        reader = None
+        if any(source.remote is not None for source in sources):  # one read-ahead for every URL
+            reader = stack.enter_context(RangeReader(_read_ahead(read.read_ahead), read.remote_requests))
+        checkpoints = [stack.enter_context(_open_source(source, read, reader)) for source in sources]
         for checkpoint in checkpoints:
             for path in checkpoint.files:
                 supervision.announce_input(path)  # to name it if it changes under its memory map
         yield checkpoints
+
+
+def _read_ahead(size: str | int) -> int:
+    try:
+        return parse_size(size)
+    except CkptavgError as e:
+        raise OptionsError(f"`read_ahead={size}`: {e}") from None
 
 
 def _patterns(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -81,7 +99,17 @@ def _patterns(value: str | Sequence[str]) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
-def _open_source(source: Source, read: ReadOptions) -> Checkpoint:
+def _open_source(source: Source, read: ReadOptions, reader: RangeReader | None) -> Checkpoint:
+    if source.remote is not None:
+        return open_remote_checkpoint(
+            source.remote,
+            reader,
+            strip_prefix=read.strip_prefix,
+            label=source.label,
+            origin=source.origin,
+            include=read.include,
+            exclude=read.exclude,
+        )
     if source.headers is not None:
         headers, weight_map = source.headers
         return open_headers(

@@ -13,5 +13,10 @@ BUFFERS_IN_FLIGHT = 3
 # Staging for writes past the page cache (O_DIRECT): a multiple of every block size it aligns to.
 STAGING_BYTES = 4 * 2**20
 STAGING_BUFFERS = 4
+# Bytes per range request of a remote input; each input being read may hold one beyond the read-ahead.
+REMOTE_BLOCK_BYTES = 4 * 2**20
+# Bytes fetched ahead of the sums from remote inputs, and range requests at a time, unless told.
+READ_AHEAD_BYTES = 64 * 2**20
+REMOTE_REQUESTS = 8
 # Temporaries per element of rounding a float64 chunk to odd float32 before a narrower output dtype.
 ROUNDING_BYTES = 26

@@ -143,6 +143,31 @@ class ReadOptions:
         help="Folders holding several models' weights (accelerate's model.safetensors and "
         "model_1.safetensors): the one to average, e.g. model_1.",
     )
+    storage_options: dict = option(
+        group="Inputs",
+        factory=dict,
+        metavar="JSON",
+        parse="json",
+        help="URL inputs (s3://, gs://, az://, https://): options for their fsspec file system, e.g. "
+        "'{\"anon\": true}' or '{\"client_kwargs\": {\"endpoint_url\": \"http://host:9000\"}}' [default: "
+        "credentials from the storage library's usual places].",
+    )
+    read_ahead: str = option(
+        "64MB",
+        group="Inputs",
+        metavar="SIZE",
+        show_default=True,
+        help="URL inputs: most bytes fetched ahead of the sums, shared by every input (counted in the "
+        "plan's memory).",
+    )
+    remote_requests: int = option(
+        8,
+        group="Inputs",
+        metavar="N",
+        minimum=1,
+        show_default=True,
+        help="URL inputs: range requests at a time.",
+    )
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,8 @@ class Checkpoint:
         tied: groups of names that share memory in the file.
         scalars: numbers stored with the weights (a torch dict's epoch or metrics, numeric
             safetensors metadata), for steps and selection by metric.
+        read_ahead: for a remote checkpoint, the bytes the run may fetch ahead of the sums (shared
+            by every remote input; each may hold one range request's block more); 0 otherwise.
         decoded_bytes: the most memory its files take for chunks they decode while read (DCP's
             compressed chunks), beside the engine's buffers; 0 when everything is mapped.
     """
@@ -107,6 +109,8 @@ class Checkpoint:
         self.tied: list[list[str]] = []
         self._shards = list(shards)
         self.decoded_bytes = sum(getattr(shard, "decoded_bytes", 0) for shard in self._shards)
+        # remote files: the run's read-ahead, shared by every remote input (see `remote_files`)
+        self.read_ahead = max((getattr(shard, "read_ahead", 0) for shard in self._shards), default=0)
         chosen = []
         for shard in self._shards:
             self.metadata = self.metadata or shard.metadata
@@ -190,7 +194,7 @@ class Checkpoint:
     def byte_range(self, name: str) -> tuple[Path, int, int] | None:
         """Where tensor `name`'s bytes lie in a safetensors file, or None (torch files, headers only)."""
         shard, stored = self._where[name]
-        if not isinstance(shard, SafetensorsFile):
+        if not isinstance(shard, SafetensorsFile) and not hasattr(shard, "read_range"):
             return None
         return (shard.path, *shard.offsets[stored])
 
@@ -216,7 +220,9 @@ class Checkpoint:
             InputError: naming the file that changed.
         """
         for shard in self._shards:
-            if shard.stamp is not None and stamp_of(shard.path) != shard.stamp:
+            if hasattr(shard, "check_unchanged"):  # a remote object: asked of its storage
+                shard.check_unchanged()
+            elif shard.stamp is not None and stamp_of(shard.path) != shard.stamp:
                 raise InputError(changed_message(shard.path))
 
     def close(self) -> None:

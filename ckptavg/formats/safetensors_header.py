@@ -90,7 +90,7 @@ def read_header(path, file, start: int = 0) -> tuple[dict[str, StoredTensor], di
     Raises:
         InputError: the file is not a readable safetensors file, naming what is wrong.
     """
-    size = os.fstat(file.fileno()).st_size - start
+    size = (file.size if hasattr(file, "size") else os.fstat(file.fileno()).st_size) - start  # remote: .size
     file.seek(start)
 
     def damaged(reason: str) -> InputError:

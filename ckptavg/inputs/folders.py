@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Any
 
 from ..errors import InputError, name_list
 from ..formats.dcp import DISTCP_SUFFIX, is_dcp_folder
@@ -65,12 +66,14 @@ class Source:
         origin: what the output's metadata records: the label, with a Hub revision pinned to its commit.
         headers: for a Hub checkpoint that was not fetched (planning only): (file name ->
             (tensors, metadata) of each safetensors file, weight map or None), read with range requests.
+        remote: for a checkpoint in object storage (a URL), its `remote_files.RemoteObject`.
     """
 
     path: Path | None
     label: str
     origin: str
     headers: tuple | None = None
+    remote: Any = None
 
     @classmethod
     def local(cls, path: Path) -> Source:

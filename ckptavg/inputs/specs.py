@@ -1,8 +1,9 @@
 """Input specs -> checkpoint files on disk.
 
 A spec is a checkpoint file, a quoted glob pattern (expanded here, so it works
-the same on every shell), a folder, or an `hf://` path on the Hugging Face Hub
-(see `hub.py`). A folder is one checkpoint in the Hugging Face layout, or a
+the same on every shell), a folder, an `hf://` path on the Hugging Face Hub
+(see `hub.py`), or a URL in object storage (`s3://`, `gs://`, `https://`: see
+`remote.py`). A folder is one checkpoint in the Hugging Face layout, or a
 training run holding Trainer `checkpoint-N` folders, which expands to each of
 them in step order (the rules are in `folders.py`).
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from ..errors import InputError
 from .folders import GLOB_CHARS, HUB_PREFIX, Listing, Source, checkpoints_in_folder, natural_key
 from .hub import HubOptions, resolve_hub_specs
+from .remote import is_url, remote_sources
 
 
 def resolve_sources(
@@ -26,6 +28,7 @@ def resolve_sources(
     hub: HubOptions | None = None,
     fetch: bool = True,
     weights_name: str | None = None,
+    storage_options: dict | None = None,
 ) -> list[Source]:
     """Expand specs to checkpoint files, in natural order of their labels unless `keep_order`.
 
@@ -36,6 +39,7 @@ def resolve_sources(
         fetch: download Hub checkpoints; if False, Hub safetensors checkpoints that are not
             cached come with their headers only (enough to plan, not to average).
         weights_name: in folders holding several models' weights, the one to take (`model_1`).
+        storage_options: for URLs (`s3://`, `gs://`, `https://`, ...), passed to their fsspec file system.
 
     Raises:
         InputError: a path does not exist, a pattern matches nothing, a folder
@@ -47,6 +51,8 @@ def resolve_sources(
         spec = os.fspath(spec)
         if spec.startswith(HUB_PREFIX):
             hub_specs.append((len(sources), spec))
+        elif is_url(spec):
+            sources.extend(remote_sources(spec, storage_options, weights_name))
         elif GLOB_CHARS.search(spec) and not os.path.exists(spec):
             matches = sorted(expand_pattern(spec), key=natural_key)
             if not matches:

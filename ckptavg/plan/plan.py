@@ -23,7 +23,14 @@ from ..formats.readers import Checkpoint
 from ..formats.safetensors_header import layout_order
 from ..inputs.duplicates import duplicate_warnings
 from ..inputs.selection import Selection, choose
-from ..memory import BUFFERS_IN_FLIGHT, CHUNK_ELEMENTS, ROUNDING_BYTES, STAGING_BUFFERS, STAGING_BYTES
+from ..memory import (
+    BUFFERS_IN_FLIGHT,
+    CHUNK_ELEMENTS,
+    REMOTE_BLOCK_BYTES,
+    ROUNDING_BYTES,
+    STAGING_BUFFERS,
+    STAGING_BYTES,
+)
 from ..options import OutputOptions
 from ..schedules import Schedule
 from .layout import COPIED_KEY, VERSION_KEY, Layout, lay_out
@@ -130,8 +137,8 @@ class Plan:
     @property
     def working_bytes(self) -> int:
         """Most the buffers can take: accumulators, a cast scratch, output chunks per dtype, the
-        writer's staging for writes past the page cache, and the chunks inputs decode (compressed
-        DCP chunks, read one at a time)."""
+        writer's staging for writes past the page cache, the chunks inputs decode (compressed
+        DCP chunks, read one at a time), and the bytes fetched ahead from remote inputs."""
         averaged = [t for t in self.tensors if t.averaged]
         elements = min(max((t.numel for t in averaged), default=0), CHUNK_ELEMENTS)
         used = self.accumulators
@@ -141,9 +148,11 @@ class Plan:
         largest_file = max((file.nbytes for file in self.files), default=0)
         staging = min(STAGING_BUFFERS, -(-largest_file // STAGING_BYTES)) * STAGING_BYTES
         decoded = sum(ck.decoded_bytes for ck in self.checkpoints)
+        remote = [ck for ck in self.checkpoints if getattr(ck, "read_ahead", 0)]
+        fetched = max((ck.read_ahead for ck in remote), default=0) + len(remote) * REMOTE_BLOCK_BYTES
         narrowed = any(used[t.name] == "F64" and dtypes.itemsize(t.dtype) < 4 for t in averaged)
         rounding = ROUNDING_BYTES if narrowed else 0  # through float32, rounded to odd (`run.engine`)
-        return elements * (accumulators + outputs + rounding) + staging + decoded
+        return elements * (accumulators + outputs + rounding) + staging + decoded + fetched
 
     def metadata(self) -> dict[str, str]:
         """Provenance stored in the output's `__metadata__` (all values are strings).

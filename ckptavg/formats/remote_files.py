@@ -1,0 +1,315 @@
+"""Safetensors files in object storage or behind HTTP, read by byte ranges without a local copy.
+
+The header is read by small ranges; each tensor's bytes are fetched in blocks by a bounded number
+of concurrent range requests (`RangeReader`) running ahead of the sums, within a read-ahead bounded
+in bytes. Each object is pinned when it is opened (its ETag, version or size and modification
+time): S3 checks every range against the ETag, and every object is checked again before the
+output is committed. Requests go through the storage library's file system (fsspec), whose own
+retry machinery handles transient errors; what is left after its last try is one line naming the
+object and the byte range.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from ..errors import InputError
+from ..memory import REMOTE_BLOCK_BYTES
+from . import dtypes
+from .dtypes import TensorInfo
+from .safetensors_header import read_header
+
+# Header reads: the first range holds the header of most files whole.
+_HEADER_BLOCK = 2**16
+# What of an object's description says which version it is, by file system.
+_PIN_KEYS = ("ETag", "etag", "VersionId", "version_id", "generation", "size", "LastModified", "mtime")
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    """An object to read: its file system (fsspec), its path there and the URL the user gave."""
+
+    fs: Any
+    path: str
+    url: str
+
+
+class RangeReader:
+    """The range requests of one run: at most `requests` at a time, at most `read_ahead` bytes
+    fetched ahead of the sums (each stream being read may hold one block more)."""
+
+    def __init__(self, read_ahead: int, requests: int):
+        self.read_ahead = read_ahead
+        self._pool = ThreadPoolExecutor(max(1, requests), thread_name_prefix="ckptavg-range")
+        self._lock = threading.Lock()
+        self._held = 0
+        self._streams = 0
+
+    def fetch(self, source: RemoteSafetensorsFile, begin: int, end: int) -> Future:
+        return self._pool.submit(source.read_range, begin, end)
+
+    def reserve(self, nbytes: int, ahead: int) -> bool:
+        """Whether a stream already `ahead` bytes ahead may fetch `nbytes` more (its fair share of
+        the read-ahead, and the run's total)."""
+        with self._lock:
+            share = self.read_ahead // max(1, self._streams)
+            if ahead + nbytes > share or self._held + nbytes > self.read_ahead:
+                return False
+            self._held += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self._held -= nbytes
+
+    def opened(self, change: int) -> None:
+        with self._lock:
+            self._streams += change
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> RangeReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RemoteSafetensorsFile:
+    """A safetensors object read by ranges: the `CheckpointFile` of a URL."""
+
+    notes: tuple[str, ...] = ("read by byte ranges",)
+    tied: tuple = ()
+    stamp = None  # nothing on this disk: `check_unchanged` asks the storage instead
+    decoded_bytes = 0
+
+    def __init__(self, remote: RemoteObject, reader: RangeReader):
+        self.remote, self.url, self._reader = remote, remote.url, reader
+        self.path = PurePosixPath(remote.path)  # its name in the checkpoint's folder
+        self.read_ahead = reader.read_ahead
+        try:
+            self._file = remote.fs.open(remote.path, "rb", block_size=_HEADER_BLOCK, cache_type="readahead")
+            self.pin = _pin(self._file.details)
+            stored, self.metadata = read_header(remote.url, self._file)
+        except InputError:
+            raise
+        except Exception as e:
+            raise InputError(storage_message(remote.url, e)) from e
+        self.tensors = {name: TensorInfo(t.dtype, t.shape) for name, t in stored.items()}
+        self.offsets = {name: (t.begin, t.end) for name, t in stored.items()}
+        self.scalars = {}
+        for key, value in self.metadata.items():
+            try:
+                self.scalars[key] = float(value)
+            except ValueError:
+                continue
+
+    @property
+    def version(self) -> str:
+        """The version the object was pinned to, as the output's provenance records it."""
+        for key in _PIN_KEYS[:5]:
+            if key in self.pin:
+                return f"{key.lower()} {str(self.pin[key]).strip(chr(34))}"
+        return f"size {self.pin.get('size')}"
+
+    def get(self, name: str, info: TensorInfo):
+        begin, end = self.offsets[name]
+        return self.get_bytes(begin, end, info.dtype)[:].view(info.shape)
+
+    def get_flat(self, name: str, info: TensorInfo) -> RemoteBytes:
+        begin, end = self.offsets[name]
+        return self.get_bytes(begin, end, info.dtype)
+
+    def get_bytes(self, begin: int, end: int, dtype: str) -> RemoteBytes:
+        """The object's bytes [begin, end) as a flat tensor of `dtype`, fetched as it is sliced."""
+        return RemoteBytes(self, self._reader, begin, end, dtypes.torch_dtype(dtype))
+
+    def read_range(self, begin: int, end: int):
+        """Bytes [begin, end) of the pinned version, as a uint8 tensor."""
+        import torch
+
+        try:
+            data = self._file._fetch_range(begin, end)
+        except Exception as e:
+            raise InputError(storage_message(self.url, e, (begin, end))) from e
+        if len(data) != end - begin:
+            raise InputError(changed_message(self.url))
+        return (
+            torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            if data
+            else torch.empty(0, dtype=torch.uint8)
+        )
+
+    def check_unchanged(self) -> None:
+        """Refuse an object that changed since it was opened (a new upload over it).
+
+        Raises:
+            InputError: naming the object.
+        """
+        fs = self.remote.fs
+        try:
+            fs.invalidate_cache(self.remote.path)
+            now = _pin(fs.info(self.remote.path))
+        except Exception as e:
+            raise InputError(storage_message(self.url, e)) from e
+        if now != self.pin:
+            raise InputError(changed_message(self.url))
+
+
+class RemoteBytes:
+    """A flat run of an object's values, as the engine reads it (`[a:b]`, `numel()`,
+    `element_size()`, `dtype`): blocks fetched ahead of the slices asked for, in order."""
+
+    def __init__(self, source: RemoteSafetensorsFile, reader: RangeReader, begin: int, end: int, dtype):
+        self._source, self._reader = source, reader
+        self._begin, self._end, self.dtype = begin, end, dtype
+        self._blocks: deque[tuple[int, int, Future, bool]] = deque()  # begin, end, bytes, reserved
+        self._next = begin  # where the next block to fetch starts
+        self._ahead = 0  # bytes of the blocks held under this stream's share
+        self._open = True
+        reader.opened(+1)
+        self._fill()
+
+    def numel(self) -> int:
+        return (self._end - self._begin) // self.dtype.itemsize
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+    def __getitem__(self, window: slice):
+        import torch
+
+        start, stop, _ = window.indices(self.numel())
+        begin = self._begin + start * self.dtype.itemsize
+        end = self._begin + max(start, stop) * self.dtype.itemsize
+        while self._blocks and self._blocks[0][1] <= begin:
+            self._drop()
+        if end == begin:
+            raw = torch.empty(0, dtype=torch.uint8)
+        elif not self._blocks or self._blocks[0][0] > begin:  # behind the read-ahead: read again
+            raw = self._source.read_range(begin, end)
+        else:
+            self._fill(needed=end)
+            parts = []
+            for block_begin, block_end, future, _ in list(self._blocks):
+                if block_begin >= end:
+                    break
+                values = future.result()
+                parts.append(values[max(begin - block_begin, 0) : min(end, block_end) - block_begin])
+            raw = parts[0] if len(parts) == 1 else torch.cat(parts)
+            if end >= self._end:
+                self.close()
+        try:
+            return raw.view(self.dtype)
+        except RuntimeError:  # a view of a block at an odd offset: a copy, still correct
+            return raw.clone().view(self.dtype)
+
+    def _fill(self, needed: int = 0) -> None:
+        """Fetch the blocks up to `needed`, and more ahead within this stream's share of the
+        read-ahead (the first block always)."""
+        while self._open and self._next < self._end:
+            block_end = min(self._next + REMOTE_BLOCK_BYTES, self._end)
+            size = block_end - self._next
+            reserved = self._reader.reserve(size, self._ahead)
+            if not reserved and self._blocks and self._next >= needed:
+                return
+            self._blocks.append(
+                (self._next, block_end, self._reader.fetch(self._source, self._next, block_end), reserved)
+            )
+            self._ahead += size if reserved else 0
+            self._next = block_end
+
+    def _drop(self) -> None:
+        begin, end, future, reserved = self._blocks.popleft()
+        future.cancel()
+        if reserved:
+            self._ahead -= end - begin
+            self._reader.release(end - begin)
+
+    def close(self) -> None:
+        """Give back this stream's share of the read-ahead (blocks already fetched are dropped)."""
+        if self._open:
+            self._open = False
+            while self._blocks:
+                self._drop()
+            self._reader.opened(-1)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _pin(details: dict) -> dict:
+    """What identifies the version of an object in its description (ETag, version id, size, ...)."""
+    return {key: details[key] for key in _PIN_KEYS if details.get(key) is not None}
+
+
+def changed_message(url: str) -> str:
+    return (
+        f"{url}: changed while being read (a new upload over it, or one still under way); run again "
+        "once it is complete"
+    )
+
+
+def storage_message(url: str, error: BaseException, byte_range: tuple[int, int] | None = None) -> str:
+    """One line for a storage error: no such object, permission denied, a changed object, or what
+    was left after the storage library's last retry (with the byte range)."""
+    if type(error).__name__ == "FileExpired":  # s3fs: the ETag no longer matches
+        return changed_message(url)
+    if isinstance(error, FileNotFoundError):
+        return f"{url}: no such object (or bucket)"
+    if isinstance(error, PermissionError):
+        return (
+            f"{url}: permission denied (check the credentials the storage library finds, or pass "
+            "them in `storage_options`)"
+        )
+    cause = " ".join(str(error).split()) or type(error).__name__
+    where = f"reading bytes {byte_range[0]}-{byte_range[1] - 1} failed" if byte_range else "cannot be read"
+    return f"{url}: {where} after the storage library's retries ({cause})"
+
+
+def open_remote_checkpoint(remote: RemoteObject, reader: RangeReader, **opening):
+    """A checkpoint in object storage: a safetensors object, or the index of safetensors shards
+    (`opening`: `strip_prefix`, `label`, `origin`, `include`, `exclude`, as `readers.open_checkpoint`).
+
+    Raises:
+        InputError: not a safetensors checkpoint (torch files and DCP or DeepSpeed folders are read
+            from a local disk), a shard is missing, or the storage refuses.
+    """
+    import json
+
+    from .readers import INDEX_SUFFIX, SAFETENSORS_SUFFIX, Checkpoint
+
+    name = remote.path.rstrip("/").rsplit("/", 1)[-1]
+    if name.endswith(INDEX_SUFFIX):
+        try:
+            index = json.loads(remote.fs.cat_file(remote.path))
+        except ValueError as e:
+            raise InputError(f"{remote.url}: not a valid shard index ({e})") from e
+        except Exception as e:
+            raise InputError(storage_message(remote.url, e)) from e
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise InputError(f"{remote.url}: not a valid shard index (no 'weight_map' of names to files)")
+        folder, base = remote.path.rsplit("/", 1)[0], remote.url.rsplit("/", 1)[0]
+        shards = [
+            RemoteSafetensorsFile(RemoteObject(remote.fs, f"{folder}/{shard}", f"{base}/{shard}"), reader)
+            for shard in dict.fromkeys(weight_map.values())
+        ]
+    elif name.endswith(SAFETENSORS_SUFFIX):
+        weight_map, shards = None, [RemoteSafetensorsFile(remote, reader)]
+    else:
+        raise InputError(
+            f"{remote.url}: only safetensors checkpoints (a file, or an {INDEX_SUFFIX} of shards) are read "
+            "from remote storage; copy torch files and DCP or DeepSpeed folders to a local disk first"
+        )
+    opening["origin"] = f"{opening.get('origin') or remote.url} ({shards[0].version})"
+    checkpoint = Checkpoint(None, shards, weight_map, **opening)
+    if not checkpoint.tensors:
+        raise InputError(f"{remote.url}: holds no tensors")
+    return checkpoint
