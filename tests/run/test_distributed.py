@@ -198,8 +198,9 @@ def test_a_batchnorm_pass_is_refused_in_one_line(tmp_path, series):
     assert not (tmp_path / "o.pt").exists()
 
 
-# How torch's launcher says the two agents did not meet (a port taken between choosing and
-# binding it, an agent slow to start on a loaded machine): the launch is made again, once.
+# How torch's launcher says the two agents did not meet (the store's port can no longer be taken
+# by another process, see `_rendezvous_store`; an agent slow to start on a loaded machine still
+# could): the launch is made again, once.
 _RENDEZVOUS_FAILED = ("RendezvousError", "RendezvousConnectionError", "RendezvousTimeoutError", "EADDRINUSE")
 
 
