@@ -28,6 +28,7 @@ INDEX_NAME = "model.safetensors.index.json"
 # them (diffusers looks for diffusion_pytorch_model.safetensors, accelerate for model_1.safetensors).
 _KEPT_MODEL_NAMES = re.compile(r"^(model|diffusion_pytorch_model|model_\d+)$")
 _INDEX_SUFFIX = ".safetensors.index.json"
+_URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
 TORCH_OUTPUT_SUFFIXES = (".pt", ".pth", ".bin")
 _LIKE_LAST_NAMES = (*TORCH_OUTPUT_SUFFIXES, *LIKE_LAST_SUFFIXES)
 DEFAULT_FOLDER_SHARD_SIZE = "50GB"
@@ -95,6 +96,11 @@ def check_target(target: Path, *, folder: bool, force: bool) -> None:
     Raises:
         OutputError: with what to do instead.
     """
+    if _URL_LIKE.match(str(target)):  # a path made from s3://... keeps one slash: s3:/...
+        raise OutputError(
+            f"{str(target).replace(':/', '://', 1)}: outputs are written to local paths only (for now); "
+            "write it here, then upload it"
+        )
     if not target.exists() and not target.is_symlink():
         return
     if folder:

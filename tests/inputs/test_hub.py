@@ -265,7 +265,7 @@ class TestPlanningWithoutDownloading:
         )
         assert result.exit_code == 0, result.output
         assert "hf://org/run@step10/model.safetensors  (header only, not downloaded)" in result.output
-        assert "tensors:    9 (8 averaged in float32" in result.output
+        assert "tensors:    9 (8 averaged: 8 in float64, correctly rounded" in result.output
         assert not any(path.endswith(".safetensors") for path in hub.downloads())
         assert any(ranged and path.endswith("model.safetensors") for _, path, ranged in hub.requests)
 
