@@ -149,7 +149,7 @@ class ReadOptions:
         metavar="JSON",
         parse="json",
         help="URL inputs (s3://, gs://, az://, https://): options for their fsspec file system, e.g. "
-        "'{\"anon\": true}' or '{\"client_kwargs\": {\"endpoint_url\": \"http://host:9000\"}}' [default: "
+        '\'{"anon": true}\' or \'{"client_kwargs": {"endpoint_url": "http://host:9000"}}\' [default: '
         "credentials from the storage library's usual places].",
     )
     read_ahead: str = option(
