@@ -1,4 +1,4 @@
-# make demo: set up, train a small model, average its checkpoints.  make test: set up and run the tests.
+# make demo: set up, train two small models, average their checkpoints.  make test: set up and run the tests.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -17,6 +17,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/train_and_average.py
+	$(BIN)/python examples/train_lm_and_average.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,4 @@
-"""The demo runs end to end (in its quick mode) and writes what the README shows."""
+"""The digits demo runs end to end (in its quick mode) and writes what the README shows."""
 
 import subprocess
 import sys
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from conftest import needed_module
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def test_train_and_average_quick(tmp_path):
