@@ -36,7 +36,7 @@ from .dcp_chunks import DistcpFile, EncodedChunk, HeldChunks, MappedChunk, held_
 from .dcp_metadata import Chunk, DcpMetadata, Stored, TensorEntry, read_metadata
 from .deepspeed import Pieces
 from .dtypes import TensorInfo
-from .files import stamp_of
+from .files import CompanionFile, stamp_of
 
 METADATA_NAME = ".metadata"
 DISTCP_SUFFIX = ".distcp"
@@ -58,7 +58,7 @@ def open_dcp_folder(folder: Path, key: str | None) -> list:
             a chunk disagrees with the metadata, or a layout ckptavg does not read.
     """
     checkpoint = DcpCheckpoint(folder, key)
-    return [checkpoint, *(_Part(path) for path in checkpoint.also_read)]
+    return [checkpoint, *(CompanionFile(path) for path in checkpoint.also_read)]
 
 
 class DcpCheckpoint:
@@ -168,20 +168,6 @@ class DcpCheckpoint:
                 )
             self._files[stored.file] = DistcpFile(self.path.parent / stored.file, fqn)
         return self._files[stored.file]
-
-
-class _Part:
-    """Another file a DCP checkpoint is read from: no tensors of its own, but its changes count."""
-
-    tensors: dict = {}  # noqa: RUF012 (never mutated)
-    metadata: dict = {}  # noqa: RUF012
-    scalars: dict = {}  # noqa: RUF012
-    notes: tuple = ()
-    tied: tuple = ()
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.stamp = stamp_of(path)
 
 
 def _flat_start(path: Path, fqn: str, entry: TensorEntry, chunk: Chunk) -> int:

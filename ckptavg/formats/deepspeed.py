@@ -30,7 +30,7 @@ from pathlib import Path
 from ..errors import InputError
 from . import dtypes
 from .dtypes import TensorInfo
-from .files import TorchFile, stamp_of
+from .files import CompanionFile, TorchFile, stamp_of
 from .torch_format import read_torch_archive, scalar_entries, unaverageable
 
 # What DeepSpeed calls its files: ZeRO-1/2 model states have no `zero_pp_rank_R_` prefix.
@@ -101,7 +101,7 @@ def open_deepspeed_folder(folder: Path, key: str | None, master_weights: bool) -
     model_files = _by_rank(folder, names, MODEL_STATES, "model-states") if zero3 else [folder / _ZERO12_MODEL]
     optim_files = _by_rank(folder, names, OPTIM_STATES, "*_optim_states.pt")
     weights = MasterWeights(folder, model_files, optim_files)
-    return [weights, *(_Part(path) for path in weights.also_read)]
+    return [weights, *(CompanionFile(path) for path in weights.also_read)]
 
 
 class Pieces:
@@ -343,20 +343,6 @@ class MasterWeights:
             f"{folder}: the model's parameters need {needed} but the optimizer partitions hold {held}; "
             "the checkpoint is damaged or was saved by a DeepSpeed version ckptavg does not read"
         )
-
-
-class _Part:
-    """Another file a DeepSpeed checkpoint is read from: no tensors of its own, but its changes count."""
-
-    tensors: dict = {}  # noqa: RUF012 (never mutated)
-    metadata: dict = {}  # noqa: RUF012
-    scalars: dict = {}  # noqa: RUF012
-    notes: tuple = ()
-    tied: tuple = ()
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.stamp = stamp_of(path)
 
 
 def _allowed_globals() -> list:

@@ -78,6 +78,21 @@ class SafetensorsFile:
         self._bytes = torch.frombuffer(mapped, dtype=torch.uint8)
 
 
+class CompanionFile:
+    """Another file a checkpoint is read from (a DeepSpeed rank's partitions, a DCP rank's chunks):
+    no tensors of its own, but a change to it while the run reads it counts as the checkpoint's."""
+
+    tensors: dict = {}  # noqa: RUF012 (never mutated)
+    metadata: dict = {}  # noqa: RUF012
+    scalars: dict = {}  # noqa: RUF012
+    notes: tuple = ()
+    tied: tuple = ()
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.stamp = stamp_of(path)
+
+
 class HeaderOnlyFile:
     """A safetensors file described by its header, with no data at hand."""
 

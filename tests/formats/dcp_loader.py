@@ -11,7 +11,8 @@ parameter's local shard and where that shard starts in the whole tensor.
 import os
 import sys
 
-from dcp_saver import launch, make_model
+from dcp_saver import make_model
+from process_group import launch
 
 
 def load(checkpoint: str, out: str, world: int, key: str | None) -> None:

@@ -16,41 +16,11 @@ state beside the model as trainers do, in two layouts and both serializations:
 """
 
 import os
-import socket
-import subprocess
 import sys
-import time
+
+from process_group import launch
 
 STEPS = (10, 20, 30)
-
-
-def launch(argv: list[str], world: int, script: str = __file__, timeout: float = 150) -> int:
-    """Runs `script` with `argv` in `world` processes of one gloo group; the worst exit status.
-    Ranks still running after `timeout` seconds (a rank died and the others wait) are killed."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, script, *argv],
-            env={
-                **os.environ,
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": str(world),
-            },
-        )
-        for rank in range(world)
-    ]
-    deadline = time.monotonic() + timeout
-    try:
-        return max(process.wait(max(deadline - time.monotonic(), 0)) for process in ranks)
-    except subprocess.TimeoutExpired:
-        for process in ranks:
-            process.kill()
-        return 124
 
 
 def make_model():
@@ -121,4 +91,4 @@ if __name__ == "__main__":
     if "RANK" in os.environ:
         save(out, world)
     else:
-        sys.exit(launch([out, str(world)], world))
+        sys.exit(launch([out, str(world)], world, __file__))

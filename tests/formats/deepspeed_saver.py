@@ -9,33 +9,11 @@ uneven, so parameters straddle ranks and carry padding.
 """
 
 import os
-import socket
-import subprocess
 import sys
 
+from process_group import launch
+
 STEPS = 3
-
-
-def launch(argv: list[str], world: int) -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, __file__, *argv],
-            env={
-                **os.environ,
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": str(world),
-                "DS_ACCELERATOR": "cpu",
-            },
-        )
-        for rank in range(world)
-    ]
-    return max(process.wait() for process in ranks)
 
 
 def save(out: str, stages: list[int]) -> None:
@@ -86,5 +64,5 @@ def save(out: str, stages: list[int]) -> None:
 if __name__ == "__main__":
     out, world, stages = sys.argv[1], int(sys.argv[2]), [int(s) for s in sys.argv[3].split(",")]
     if "RANK" not in os.environ:
-        sys.exit(launch(sys.argv[1:], world))
+        sys.exit(launch(sys.argv[1:], world, __file__, env={"DS_ACCELERATOR": "cpu"}))
     save(out, stages)
