@@ -177,6 +177,25 @@ def test_two_processes_write_what_one_writes(tmp_path, series, args, outputs):
     assert _temporaries(two) == []
 
 
+def test_the_library_inside_a_group_its_caller_set_up(tmp_path, series):
+    one = tmp_path / "one.safetensors"
+    assert _single(["swa", *map(str, series), "-o", str(one)], tmp_path).returncode == 0
+    script = WORKER.with_name("library_in_group_worker.py")
+    command = [
+        str(TORCHRUN),
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(script),
+        str(tmp_path / "two.safetensors"),
+    ]
+    command += map(str, series)
+    done = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=LIMIT)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "two.safetensors").read_bytes() == one.read_bytes()
+    assert _temporaries(tmp_path) == []
+
+
 def test_dry_run_says_what_each_rank_reads_and_writes(tmp_path, series):
     done = _torchrun(
         ["swa", *map(str, series), "-o", "x/", "--max-shard-size", "40kB", "--dry-run"], tmp_path
