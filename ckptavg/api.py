@@ -293,7 +293,14 @@ def average_many(
         plans = _together(
             group,
             lambda: [
-                build_plan(checkpoints, schedule, output, selection=selection, output=name)
+                build_plan(
+                    checkpoints,
+                    schedule,
+                    output,
+                    selection=selection,
+                    storage_options=read.storage_options,
+                    output=name,
+                )
                 for schedule, name in zip(schedules, names, strict=True)
             ],
         )

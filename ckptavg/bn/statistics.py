@@ -15,7 +15,7 @@ from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..errors import SHOWN_NAMES, CkptavgError, InputError, name_list
+from ..errors import SHOWN_NAMES, CkptavgError, InputError, OutputError, name_list
 from ..formats.readers import Checkpoint
 from ..options import option
 from ..plan.layout import Layout
@@ -197,6 +197,11 @@ def average_then_recompute_statistics(
     from ..run.executor import execute
     from ..run.transaction import temporary_path
 
+    if plan.layout.remote is not None:
+        raise OutputError(
+            f"{plan.layout.remote.shown}: a BatchNorm pass writes to a local path only; "
+            "write it here, then upload it"
+        )
     target = plan.output
     scratch = temporary_path(target, ".safetensors")
     to_scratch = replace(plan, layout=Layout(scratch, files=(OutputFile(scratch.name, tuple(plan.tensors)),)))

@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import OutputError
 from ..formats.dcp import METADATA_NAME, DcpCheckpoint
@@ -98,8 +99,8 @@ def check_target(target: Path, *, folder: bool, force: bool) -> None:
     """
     if _URL_LIKE.match(str(target)):  # a path made from s3://... keeps one slash: s3:/...
         raise OutputError(
-            f"{str(target).replace(':/', '://', 1)}: outputs are written to local paths only (for now); "
-            "write it here, then upload it"
+            f"{str(target).replace(':/', '://', 1)}: this output is written to local paths only "
+            "(URLs take .safetensors files and folders of averages); write it here, then upload it"
         )
     if not target.exists() and not target.is_symlink():
         return
@@ -165,6 +166,7 @@ class Layout:
     extra_root: Path | None = None  # where they may really live (see inputs.side_files)
     kept: tuple[str, ...] = ()  # files of a replaced folder output that stay
     warnings: tuple[str, ...] = ()  # side files left out
+    remote: Any = None  # a URL output's `remote_layout.RemoteTarget`
 
 
 def lay_out(

@@ -22,6 +22,7 @@ from ..formats.name_filter import unmatched_rules
 from ..formats.readers import Checkpoint
 from ..formats.safetensors_header import layout_order
 from ..inputs.duplicates import duplicate_warnings
+from ..inputs.remote import is_url
 from ..inputs.selection import Selection, choose
 from ..memory import (
     BUFFERS_IN_FLIGHT,
@@ -35,6 +36,7 @@ from ..options import OutputOptions
 from ..schedules import Schedule
 from .layout import COPIED_KEY, VERSION_KEY, Layout, lay_out
 from .like_last import plan_like_last
+from .remote_layout import remote_layout
 from .report import describe
 from .tensors import OutputFile, TensorPlan
 
@@ -229,6 +231,7 @@ def build_plan(
     options: OutputOptions | None = None,
     *,
     selection: Selection | None = None,
+    storage_options: dict | None = None,
     **settings,
 ) -> Plan:
     """Validate the inputs and decide everything a run will do, reading headers only.
@@ -240,6 +243,7 @@ def build_plan(
             accum_dtype, max_shard_size, format, force, wrap_key, like_last, nonfinite, steps); `device` is
             the executor's. No output: a plan to report, not to carry out.
         selection: which checkpoints to keep, e.g. `Selection(last=5)`.
+        storage_options: for an output URL (`s3://...`), passed to its fsspec file system.
         settings: `OutputOptions` fields given one by one instead, or over `options`
             (`build_plan(cks, swa(), output="swa/", max_shard_size="5GB")`).
 
@@ -273,16 +277,12 @@ def build_plan(
         warnings.append(f"only one checkpoint ({checkpoints[0].label}): the output is a copy of it")
     layout = None
     if output is not None:
-        layout = lay_out(
-            checkpoints,
-            tensors,
-            output,
-            force=force,
-            max_shard_size=options.max_shard_size,
-            wrap_key=wrap_key,
-            like_last=options.like_last,
-            format=options.format,
-        )
+        lay = dict(force=force, max_shard_size=options.max_shard_size, wrap_key=wrap_key)
+        lay.update(like_last=options.like_last, format=options.format)
+        if is_url(str(output)):
+            layout = remote_layout(checkpoints, tensors, str(output), storage_options=storage_options, **lay)
+        else:
+            layout = lay_out(checkpoints, tensors, output, **lay)
         warnings.extend(layout.warnings)
     elif wrap_key is not None or options.like_last:
         raise OutputError(

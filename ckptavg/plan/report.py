@@ -118,17 +118,19 @@ def _kinds(plan: Plan) -> str:
 def _writes(plan: Plan) -> list[str]:
     if plan.output is None:
         return []
+    remote = plan.layout.remote
     if plan.folder:
         what = ", ".join(f.name for f in plan.files[:3]) + (", ..." if len(plan.files) > 3 else "")
         index = f" + {plan.layout.index_name}" if len(plan.files) > 1 else ""
-        lines = [f"writes:     {plan.output}{os.sep} ({plural(len(plan.files), 'file')}: {what}{index})"]
+        where = remote.shown if remote is not None else f"{plan.output}{os.sep}"
+        lines = [f"writes:     {where} ({plural(len(plan.files), 'file')}: {what}{index})"]
     elif plan.layout.like_last is not None:
         lines = plan.layout.like_last.describe(plan.output)
     elif plan.torch_output:
         wrapped = f"{{'{plan.wrap_key}': state_dict}}" if plan.wrap_key else "a plain state dict"
         lines = [f"writes:     {plan.output} (torch.save of {wrapped})"]
     else:
-        lines = [f"writes:     {plan.output}"]
+        lines = [f"writes:     {remote.shown if remote is not None else plan.output}"]
     if plan.extra_files:
         names = ", ".join(p.name for p in plan.extra_files)
         lines.append(f"copies:     {names} from {plan.extra_files[0].parent}")

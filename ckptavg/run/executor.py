@@ -21,6 +21,7 @@ from ..plan.spans import spans
 from ..plan.tensors import OutputFile
 from . import interrupts
 from .dcp_writer import DcpWriter
+from .remote_output import RemoteOutput
 from .torch_like import LikeLastWriter
 from .transaction import OutputTransaction
 
@@ -84,7 +85,8 @@ def _write(plans: list[Plan], *, device: str, progress: bool) -> list[str]:
 
     first = plans[0]
     for plan in plans:
-        ensure_free_space(plan.output, space_needed(plan))
+        if plan.layout.remote is None:
+            ensure_free_space(plan.output, space_needed(plan))
     metadata = [plan.metadata() for plan in plans]
     with (
         tqdm(
@@ -99,9 +101,7 @@ def _write(plans: list[Plan], *, device: str, progress: bool) -> list[str]:
         ExitStack() as stack,
     ):
         engine = Engine(plans, resolve_device(device), on_read=bar.update)
-        outputs = [
-            stack.enter_context(OutputTransaction(p.output, folder=p.folder, force=p.force)) for p in plans
-        ]
+        outputs = [stack.enter_context(_transaction(p)) for p in plans]
         streamed = [
             out.scratch_path(".safetensors") if p.torch_output else None
             for p, out in zip(plans, outputs, strict=True)
@@ -134,6 +134,13 @@ def _write(plans: list[Plan], *, device: str, progress: bool) -> list[str]:
         for plan, output, stream, meta in zip(plans, outputs, streamed, metadata, strict=True):
             finish_output(plan, output, stream, meta)
     return engine.warnings
+
+
+def _transaction(plan: Plan) -> OutputTransaction | RemoteOutput:
+    """The output's commit: files renamed into place, or uploads completed (a URL output)."""
+    if plan.layout.remote is not None:
+        return RemoteOutput(plan.layout.remote, folder=plan.folder, force=plan.force)
+    return OutputTransaction(plan.output, folder=plan.folder, force=plan.force)
 
 
 def space_needed(plan: Plan) -> int:

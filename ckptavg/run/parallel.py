@@ -46,6 +46,11 @@ def execute(
     plans: Sequence[Plan], group: Group, *, device: str = "cpu", progress: bool = False
 ) -> list[Plan]:
     """`executor.execute` with the work split among the group's ranks; every rank returns the same plans."""
+    remote = next((p.layout.remote for p in plans if p.layout is not None and p.layout.remote), None)
+    if remote is not None:
+        raise OutputError(
+            f"{remote.shown}: outputs to a URL are written by one process: run it without torchrun"
+        )
 
     def write(plans: list[Plan], *, device: str, progress: bool) -> list[str]:
         return _write(plans, group, device=device, progress=progress)

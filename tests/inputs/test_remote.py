@@ -45,7 +45,7 @@ def s3():
         "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
     }
     fs = s3fs.S3FileSystem(**options)
-    fs.mkdir("runs")
+    fs.makedirs("runs", exist_ok=True)  # moto keeps its buckets for the process
     yield fs, options
     server.stop()
     for name, value in saved.items():

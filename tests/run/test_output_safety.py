@@ -176,13 +176,13 @@ def test_a_read_only_file_system_is_one_line(tmp_path, series):
         subprocess.run(["umount", str(mount)], check=True)
 
 
-def test_an_object_storage_output_is_refused_not_written_as_a_local_folder(tmp_path, series, monkeypatch):
+def test_a_torch_output_to_a_url_is_refused_not_written_as_a_local_folder(tmp_path, series, monkeypatch):
     from click.testing import CliRunner
 
     from ckptavg.cli import main
 
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(main, ["swa", *map(str, series[:2]), "-o", "s3://bucket/avg.safetensors"])
+    result = CliRunner().invoke(main, ["swa", *map(str, series[:2]), "-o", "s3://bucket/avg.pt"])
     assert result.exit_code == 1
-    assert "error: s3://bucket/avg.safetensors: outputs are written to local paths only" in result.output
+    assert "error: s3://bucket/avg.pt: outputs to a URL are .safetensors files or folders" in result.output
     assert not (tmp_path / "s3:").exists()
