@@ -16,13 +16,14 @@ from .schedules import anneal, ema, power_ema, swa, weighted
 
 if TYPE_CHECKING:  # what `__getattr__` loads on first use, visible to editors and type checkers
     from .adapters.options import LoraOptions
-    from .api import average, average_many, bn_update, inspect, open_checkpoints, post_hoc_ema, soup
+    from .api import average, average_many, bn_update, inspect, open_checkpoints
     from .bn.data import DataOptions
     from .bn.statistics import BatchNormPass
     from .formats.readers import open_checkpoint
     from .inputs.hub_options import HubOptions
     from .options import OutputOptions, ReadOptions
     from .plan.plan import build_plan
+    from .recipes import post_hoc_ema, soup
     from .run.executor import run_plan, run_plans
     from .soups.options import SoupOptions
 
@@ -68,8 +69,8 @@ _LAZY = {
     "OutputOptions": "options",
     "ReadOptions": "options",
     "open_checkpoints": "api",
-    "post_hoc_ema": "api",
-    "soup": "api",
+    "post_hoc_ema": "recipes",
+    "soup": "recipes",
     "SoupOptions": "soups.options",
     "run_plan": "run.executor",
     "run_plans": "run.executor",

@@ -273,7 +273,7 @@ def phema(sigma_rel, snapshot_sigma_rel, at_step, inputs, dry_run, quiet, **valu
         --snapshot-sigma-rel 0.05,0.28 -o 'phema_{sigma_rel}.safetensors'
     ckptavg phema --sigma-rel 0.10 --at-step 400000 'snapshots/*.pt' --snapshot-sigma-rel 0.05,0.28 -o ema.pt
     """
-    from ..api import post_hoc_ema
+    from ..recipes import post_hoc_ema
 
     progress = not quiet and sys.stderr.isatty()
     shown: list[str] = []

@@ -70,7 +70,7 @@ def soup(inputs, dry_run, quiet, model, model_kwargs, **values):
     ckptavg soup --greedy 'finetunes/*' --model mypkg.nets:build --eval mypkg.evals:val_loss \\
         --mode min --scores scores.json -o soup.safetensors
     """
-    from ..api import soup as make_soup
+    from ..recipes import soup as make_soup
 
     progress = not quiet and sys.stderr.isatty()
     output = take(OutputOptions, values)
