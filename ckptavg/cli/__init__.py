@@ -70,8 +70,10 @@ def main():
 
     Inputs are checkpoint files (.safetensors, .pt, .pth, .bin, .ckpt), Hugging Face
     model folders (model.safetensors, pytorch_model.bin, or shards with an index),
-    runs of Trainer checkpoint-N folders, quoted glob patterns, or Hugging Face Hub
-    paths hf://ORG/REPO[@REVISION][/PATH] (revisions and paths may be globs). They are
+    runs of Trainer checkpoint-N folders, DeepSpeed global_stepN folders,
+    torch.distributed.checkpoint (DCP) folders and their step-N runs, PEFT adapter
+    folders, quoted glob patterns, s3:// gs:// az:// https:// URLs, or Hugging Face
+    Hub paths hf://ORG/REPO[@REVISION][/PATH] (revisions and paths may be globs). They are
     averaged in natural order (step_2 before step_10), one tensor at a time, so
     memory stays flat whatever the model size. The output is written atomically:
     a failed or interrupted run leaves nothing behind. Torch files are loaded with
@@ -84,11 +86,13 @@ def main():
     ckptavg ema --decay 0.9 'ckpts/*.safetensors' -o ema.safetensors --dry-run
     ckptavg swa 'hf://org/run@step14*' -o swa/
     ckptavg inspect ema.safetensors
+    torchrun --nproc-per-node 8 -m ckptavg swa 'ckpt/step-*' -o swa/   # one run over 8 processes
 
     \b
     Environment: HF_TOKEN, HF_ENDPOINT, HF_HUB_CACHE, HF_HUB_OFFLINE as huggingface_hub
     reads them; CKPTAVG_HUB_TIMEOUT, how many seconds a Hub request may wait or
-    stall before the run stops (default 60).
+    stall before the run stops (default 60); under torchrun, CKPTAVG_DIST_TIMEOUT,
+    how long a rank waits for the others (default 300).
     """
 
 
