@@ -5,7 +5,6 @@ series in the page cache and on one evicted from it (posix_fadvise DONTNEED, bes
 """
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -13,19 +12,10 @@ import time
 from pathlib import Path
 
 import torch
+from bench_average import evict
 from safetensors.torch import save_file
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-
-
-def evict(paths):
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def main():

@@ -47,19 +47,28 @@ def encode_header(entries: Sequence[Entry], metadata: dict[str, str]) -> bytes:
     header: dict[str, object] = {}
     if metadata:
         header[METADATA_KEY] = metadata
-    offset = 0
+    starts = data_starts(entries, 0)
     for entry in entries:
         if entry.name == METADATA_KEY:
             raise OutputError(f"a tensor is named '{METADATA_KEY}', which safetensors reserves; rename it")
+        start = starts[entry.name]
         header[entry.name] = {
             "dtype": entry.dtype,
             "shape": list(entry.shape),
-            "data_offsets": [offset, offset + entry.nbytes],
+            "data_offsets": [start, start + entry.nbytes],
         }
-        offset += entry.nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % HEADER_ALIGNMENT)
     return struct.pack("<Q", len(text)) + text
+
+
+def data_starts(entries: Sequence[Entry], header_bytes: int) -> dict[str, int]:
+    """Where each tensor's bytes start in the file: past the header, back to back in write order."""
+    starts, offset = {}, header_bytes
+    for entry in entries:
+        starts[entry.name] = offset
+        offset += entry.nbytes
+    return starts
 
 
 # safetensors' own limit on the header (`MAX_HEADER_SIZE`): a larger length is a damaged file.

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import OutputError
-from ..formats.safetensors_header import Entry, encode_header
+from ..formats.safetensors_header import Entry, data_starts, encode_header
 from ..inputs.remote import filesystem
 from ..plan.remote_layout import RemoteTarget, output_message
 from . import interrupts
@@ -109,13 +109,9 @@ class RemoteSafetensorsWriter:
         self.key = key
         self.label = label
         header = encode_header(entries, metadata)
-        self._offsets: dict[str, int] = {}
-        offset = len(header)
-        for entry in entries:
-            self._offsets[entry.name] = offset
-            offset += entry.nbytes
-        self._size = offset
-        self._part = max(MIN_PART_BYTES, -(-offset // MAX_PARTS))
+        self._offsets = data_starts(entries, len(header))
+        self._size = len(header) + sum(entry.nbytes for entry in entries)
+        self._part = max(MIN_PART_BYTES, -(-self._size // MAX_PARTS))
         try:
             self._file = fs.open(key, "wb", block_size=self._part, autocommit=False)
             self._put(memoryview(header))

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import OutputError
-from ..formats.safetensors_header import Entry, encode_header
+from ..formats.safetensors_header import Entry, data_starts, encode_header
 from .direct import write_at
 from .writer import WRITEBACK_BYTES, _start_writeback
 
@@ -62,11 +62,7 @@ class SharedWriter:
 
     def data_offsets(self, entries: Sequence[Entry], metadata: dict[str, str]) -> dict[str, int]:
         """Where each tensor's bytes start in the file: past the header, back to back."""
-        offsets, offset = {}, len(encode_header(entries, metadata))
-        for entry in entries:
-            offsets[entry.name] = offset
-            offset += entry.nbytes
-        return offsets
+        return data_starts(entries, len(encode_header(entries, metadata)))
 
     def write(self, name: str, start: int, tensor) -> None:
         """Write a contiguous CPU tensor's bytes into tensor `name`, `start` bytes into its data."""

@@ -14,7 +14,7 @@ from functools import cache
 from pathlib import Path
 
 from ..errors import OutputError
-from ..formats.safetensors_header import Entry, encode_header
+from ..formats.safetensors_header import Entry, data_starts, encode_header
 from .direct import DirectAppender, write_at
 
 # Start the disk writing every this many bytes: the kernel would otherwise wait for
@@ -43,11 +43,7 @@ class SafetensorsWriter:
         self._expected = sum(entry.nbytes for entry in entries)
         self._written = 0
         self._unflushed = 0
-        self._offsets: dict[str, int] = {}
-        offset = len(header)
-        for entry in entries:
-            self._offsets[entry.name] = offset
-            offset += entry.nbytes
+        self._offsets = data_starts(entries, len(header))
         self._file = open(path, "xb", buffering=0)  # noqa: SIM115 (closed in finish/abort)
         self._direct = DirectAppender.open(path, header, self.label)
         if self._direct is None:

@@ -235,6 +235,17 @@ def test_two_nodes_by_rendezvous(tmp_path, series):
     assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "one.safetensors").read_bytes()
 
 
+def _nodes_one_cannot_read(tmp_path: Path, series: list[Path]) -> tuple[Path, Path]:
+    """Two nodes' folders holding the series under in/, the second with a damaged step_2."""
+    good, bad = tmp_path / "node0", tmp_path / "node1"
+    for folder in (good, bad):
+        (folder / "in").mkdir(parents=True)
+        for path in series:
+            (folder / "in" / path.name).write_bytes(path.read_bytes())
+    (bad / "in" / "step_2.safetensors").write_bytes(b"not a checkpoint")
+    return good, bad
+
+
 def _previous_output(folder: Path) -> bytes:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "out.safetensors").write_bytes(b"previous")  # not ckptavg's: kept unless --force
@@ -242,12 +253,7 @@ def _previous_output(folder: Path) -> bytes:
 
 
 def test_an_input_one_rank_cannot_read(tmp_path, series):
-    good, bad = tmp_path / "node0", tmp_path / "node1"
-    for folder in (good, bad):
-        (folder / "in").mkdir(parents=True)
-        for path in series:
-            (folder / "in" / path.name).write_bytes(path.read_bytes())
-    (bad / "in" / "step_2.safetensors").write_bytes(b"not a checkpoint")
+    good, bad = _nodes_one_cannot_read(tmp_path, series)
     output = tmp_path / "shared"
     previous = _previous_output(output)
     started = time.monotonic()

@@ -20,6 +20,7 @@ from test_distributed import (
     TORCHRUN,
     _error_lines,
     _finish,
+    _nodes_one_cannot_read,
     _series,
     _single,
     _stalled_launch,
@@ -162,12 +163,7 @@ def test_the_dry_run_says_what_each_rank_writes(tmp_path, series):
 
 @needs_torchrun
 def test_an_input_one_rank_cannot_read_leaves_nothing(tmp_path, series):
-    good, bad = tmp_path / "node0", tmp_path / "node1"
-    for folder in (good, bad):
-        (folder / "in").mkdir(parents=True)
-        for path in series:
-            (folder / "in" / path.name).write_bytes(path.read_bytes())
-    (bad / "in" / "step_2.safetensors").write_bytes(b"not a checkpoint")
+    good, bad = _nodes_one_cannot_read(tmp_path, series)
     output = tmp_path / "shared" / "out"
     ckptavg.average(series, swa(), output, format="dcp")  # a previous DCP output ckptavg wrote
     previous = {p.name: p.read_bytes() for p in output.iterdir()}
