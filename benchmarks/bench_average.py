@@ -178,6 +178,9 @@ def measure(command: list[str]) -> tuple[float, float]:
 
 
 def warm(paths: list[Path]) -> None:
+    # Flushed first: pages of a file written moments ago are dirty, and a child process's
+    # Private_Dirty (how descendants are counted) would count them as its own memory.
+    os.sync()
     for path in paths:
         with open(path, "rb") as f:
             while f.read(1 << 24):
