@@ -25,6 +25,18 @@ Buffer = TypeVar("Buffer")
 
 _STOP = object()
 _DRAIN = object()
+# Waits are timed and re-tried: a wake-up lost to a signal landing at the same moment as the
+# item it waits for then costs this long, not the run.
+_WAIT_SECONDS = 0.1
+
+
+def _next(items: queue.SimpleQueue):
+    """The next item of `items`, however long it takes to come."""
+    while True:
+        try:
+            return items.get(timeout=_WAIT_SECONDS)
+        except queue.Empty:
+            continue
 
 
 class BufferPool(Generic[Buffer]):
@@ -47,7 +59,7 @@ class BufferPool(Generic[Buffer]):
             if self._made < self._limit:
                 self._made += 1
                 return self._make()
-            return self._free.get()
+            return _next(self._free)
 
     def release(self, buffer: Buffer) -> None:
         self._free.put(buffer)
@@ -80,7 +92,7 @@ class WriteQueue:
     def drain(self) -> None:
         """Wait until everything submitted is done; raise the first error."""
         self._tasks.put(_DRAIN)
-        self._drained.get()
+        _next(self._drained)
         self._raise_error()
 
     def __exit__(self, exc_type, *exc) -> None:
@@ -89,7 +101,7 @@ class WriteQueue:
         interrupted = None
         while True:
             try:
-                self._stopped.get()
+                _next(self._stopped)
                 break
             except KeyboardInterrupt as e:  # a second Ctrl-C: wait still, files must not close mid-write
                 self._cancelled = True
@@ -103,7 +115,7 @@ class WriteQueue:
 
     def _run(self) -> None:
         while True:
-            task = self._tasks.get()
+            task = _next(self._tasks)
             if task is _STOP:
                 self._stopped.put(None)
                 return

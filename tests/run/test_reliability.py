@@ -315,7 +315,8 @@ class TestSignals:
 
 
 INTERRUPT_AT_RANDOM = """
-import random, signal
+import faulthandler, random, signal
+faulthandler.dump_traceback_later(50, exit=True)  # a hang shows where each thread waits
 from ckptavg.run.pipeline import WriteQueue
 
 def interrupt(signum, frame):
