@@ -32,11 +32,16 @@ _PIN_KEYS = ("ETag", "etag", "VersionId", "version_id", "generation", "size", "L
 
 @dataclass(frozen=True)
 class RemoteObject:
-    """An object to read: its file system (fsspec), its path there and the URL the user gave."""
+    """An object to read: its file system (fsspec), its path there and the URL the user gave.
+
+    `immutable`: the path names one version for good (a Hub commit), which the checkpoint's
+    origin already records.
+    """
 
     fs: Any
     path: str
     url: str
+    immutable: bool = False
 
 
 class RangeReader:
@@ -308,7 +313,8 @@ def open_remote_checkpoint(remote: RemoteObject, reader: RangeReader, **opening)
             f"{remote.url}: only safetensors checkpoints (a file, or an {INDEX_SUFFIX} of shards) are read "
             "from remote storage; copy torch files and DCP or DeepSpeed folders to a local disk first"
         )
-    opening["origin"] = f"{opening.get('origin') or remote.url} ({shards[0].version})"
+    if not remote.immutable:
+        opening["origin"] = f"{opening.get('origin') or remote.url} ({shards[0].version})"
     checkpoint = Checkpoint(None, shards, weight_map, **opening)
     if not checkpoint.tensors:
         raise InputError(f"{remote.url}: holds no tensors")
