@@ -27,6 +27,7 @@ from .formats.readers import Checkpoint, open_checkpoint, open_headers
 from .formats.remote_files import RangeReader, open_remote_checkpoint
 from .inputs.folders import Source
 from .inputs.hub_options import HubOptions
+from .inputs.remote_side_files import RemoteSideFiles
 from .inputs.selection import Selection
 from .inputs.specs import resolve_sources
 from .options import OutputOptions, ReadOptions
@@ -98,7 +99,7 @@ def _patterns(value: str | Sequence[str]) -> tuple[str, ...]:
 
 def _open_source(source: Source, read: ReadOptions, reader: RangeReader | None) -> Checkpoint:
     if source.remote is not None:
-        return open_remote_checkpoint(
+        checkpoint = open_remote_checkpoint(
             source.remote,
             reader,
             strip_prefix=read.strip_prefix,
@@ -107,6 +108,9 @@ def _open_source(source: Source, read: ReadOptions, reader: RangeReader | None) 
             include=read.include,
             exclude=read.exclude,
         )
+        if checkpoint.path is None:
+            checkpoint.remote_side_files = RemoteSideFiles(source.remote)
+        return checkpoint
     if source.headers is not None:
         headers, weight_map = source.headers
         return open_headers(

@@ -103,6 +103,8 @@ class Checkpoint:
         exclude: Sequence[str] = (),
     ):
         self.path = path
+        # a remote checkpoint's config and tokenizer files (`inputs.remote_side_files`), or None
+        self.remote_side_files = None
         self.label = label or str(path)
         self.origin = origin or self.label
         self.metadata: dict[str, str] = {}
@@ -175,8 +177,11 @@ class Checkpoint:
 
     @property
     def folder(self) -> Path | None:
-        """The folder holding it, where its config and tokenizer files are; None without files here."""
-        return self.path.parent if self.path is not None else None
+        """The folder holding it, where its config and tokenizer files are (for a remote
+        checkpoint, a local folder of their copies); None without such a folder."""
+        if self.path is not None:
+            return self.path.parent
+        return self.remote_side_files.folder() if self.remote_side_files is not None else None
 
     @property
     def nbytes(self) -> int:
@@ -226,9 +231,12 @@ class Checkpoint:
                 raise InputError(changed_message(shard.path))
 
     def close(self) -> None:
-        """Drop the maps; they are unmapped once no tensor view refers to them."""
+        """Drop the maps (they are unmapped once no tensor view refers to them) and any fetched
+        side files."""
         self._shards.clear()
         self._where.clear()
+        if self.remote_side_files is not None:
+            self.remote_side_files.remove()
 
     def __enter__(self) -> Checkpoint:
         return self

@@ -12,10 +12,12 @@ Resolution happens in two steps, so the disk-space check sees everything first:
 (only the weights, their index, and the model folder's config files; never
 optimizer or trainer state), then `_download` fetches them with
 `snapshot_download` into the standard cache, concurrently, and reuses whatever
-is cached. Offline (`--offline` or `HF_HUB_OFFLINE=1`), revisions and listings
-come from the cache alone. What is trusted of the Hub's answers, and the
-deadlines of its requests, are `hub_guard`'s; its failures as one line,
-`hub_errors`'.
+is cached. With `stream`, safetensors checkpoints are instead read where they are,
+by range requests through huggingface_hub's own file system (`HfFileSystem`), at
+the resolved commit: nothing is written to the cache. Offline (`--offline` or
+`HF_HUB_OFFLINE=1`), revisions and listings come from the cache alone. What is
+trusted of the Hub's answers, and the deadlines of its requests, are
+`hub_guard`'s; its failures as one line, `hub_errors`'.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ..errors import InputError
 from ..formats import dtypes
 from ..formats.dtypes import TensorInfo
 from ..formats.readers import INDEX_SUFFIX
+from ..formats.remote_files import RemoteObject
 from ..units import format_bytes
 from .folders import (
     GLOB_CHARS,
@@ -45,6 +48,8 @@ from .folders import (
 from .hub_errors import first_line, hub_errors
 from .hub_guard import COMMIT_ID, unsafe_reason, watched_hub_session
 from .hub_options import HubOptions, HubSpec
+
+_SAFETENSORS_WEIGHTS = (".safetensors", ".safetensors" + INDEX_SUFFIX)
 
 
 @dataclass
@@ -72,15 +77,25 @@ def resolve_hub_specs(
 
     With `fetch=False`, safetensors checkpoints not yet in the cache are described by
     their headers instead (read with range requests), to plan without downloading.
+    With `options.stream`, every checkpoint is a remote object read by ranges.
 
     Raises:
         InputError: one line naming the spec for every failure of the Hub or the cache.
     """
+    if options.stream and options.is_offline:
+        raise InputError(
+            f"{specs[0]}: `stream` reads from the Hub, which `offline` forbids; leave out one of them"
+        )
     with watched_hub_session():
         located = []
         for spec in specs:
             with hub_errors(spec, options):
                 located.append(_locate(HubSpec.parse(spec), spec, options, weights_name))
+        if options.stream:
+            return [
+                [_streamed(ck, spec, options) for ck in found]
+                for spec, found in zip(specs, located, strict=True)
+            ]
         _check_free_space([ck for found in located for ck in found], options)
         return [
             [
@@ -257,9 +272,12 @@ def _files_to_fetch(checkpoint: _Checkpoint, sizes: dict[str, int], spec: str, o
 
 def _weight_map(checkpoint: _Checkpoint, spec: str, options: HubOptions) -> dict[str, str]:
     """The shard index's tensor -> file map, if it is one and names only safe relative files."""
-    index = _fetch_one(checkpoint, checkpoint.weights, options)
+    if options.stream:
+        index = _file_system(options).cat_file(_streamed_path(checkpoint, checkpoint.weights))
+    else:
+        index = Path(_fetch_one(checkpoint, checkpoint.weights, options)).read_bytes()
     try:
-        weight_map = json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"]
+        weight_map = json.loads(index.decode("utf-8"))["weight_map"]
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"{spec}: {checkpoint.label} is not a valid shard index ({first_line(e)})") from e
     if not isinstance(weight_map, dict) or not all(
@@ -288,6 +306,33 @@ def _fetch_one(checkpoint: _Checkpoint, filename: str, options: HubOptions) -> s
     )
 
 
+def _file_system(options: HubOptions):
+    """huggingface_hub's fsspec file system for the Hub the options reach (one per endpoint and token)."""
+    from huggingface_hub import HfFileSystem
+
+    return HfFileSystem(endpoint=options.endpoint, token=options.token)
+
+
+def _streamed_path(checkpoint: _Checkpoint, path: str) -> str:
+    return f"{checkpoint.repo_id}@{checkpoint.revision.resolved}/{path}"
+
+
+def _streamed(checkpoint: _Checkpoint, spec: str, options: HubOptions) -> Source:
+    """The checkpoint as a remote object at its resolved commit, to be read by ranges."""
+    if not checkpoint.weights.endswith(_SAFETENSORS_WEIGHTS):
+        raise InputError(
+            f"{checkpoint.label}: `stream` reads safetensors checkpoints only; leave out `stream` to "
+            "download this one to the cache"
+        )
+    remote = RemoteObject(
+        _file_system(options),
+        _streamed_path(checkpoint, checkpoint.weights),
+        checkpoint.label,
+        immutable=True,
+    )
+    return Source(None, checkpoint.label, checkpoint.origin, remote=remote)
+
+
 def _check_free_space(checkpoints: Sequence[_Checkpoint], options: HubOptions) -> None:
     needed = sum(
         size or 0 for ck in checkpoints for path, size in ck.files.items() if not _cached(ck, path, options)
@@ -296,9 +341,16 @@ def _check_free_space(checkpoints: Sequence[_Checkpoint], options: HubOptions) -
         return
     free = free_space(options.cache)
     if needed > free:
+        streamable = all(ck.weights.endswith(_SAFETENSORS_WEIGHTS) for ck in checkpoints)
         raise InputError(
             f"the Hub inputs need {format_bytes(needed)} in the cache {options.cache} but only "
-            f"{format_bytes(free)} is free there; free some space or choose another cache with `cache_dir`"
+            f"{format_bytes(free)} is free there; "
+            + (
+                "pass `stream` to read them by range requests with nothing in the cache, or "
+                if streamable
+                else ""
+            )
+            + "free some space or choose another cache with `cache_dir`"
         )
 
 
@@ -324,7 +376,7 @@ def _download(checkpoint: _Checkpoint, spec: str, options: HubOptions) -> Source
 def _plannable(checkpoint: _Checkpoint, options: HubOptions) -> bool:
     """Whether the checkpoint can be planned from headers alone: safetensors, and not all cached."""
     weights = [p for p in checkpoint.files if not is_model_side_file(PurePosixPath(p).name)]
-    safetensors = all(p.endswith((".safetensors", ".safetensors" + INDEX_SUFFIX)) for p in weights)
+    safetensors = all(p.endswith(_SAFETENSORS_WEIGHTS) for p in weights)
     return (
         safetensors and not options.is_offline and not all(_cached(checkpoint, p, options) for p in weights)
     )

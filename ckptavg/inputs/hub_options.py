@@ -29,6 +29,8 @@ class HubOptions:
         token: access token; default: `HF_TOKEN` or the token saved by `hf auth login`.
         cache_dir: the cache folder; default: `HF_HUB_CACHE`, else `HF_HOME/hub`.
         offline: use the cache only; default: `HF_HUB_OFFLINE`.
+        stream: read safetensors checkpoints by range requests, writing nothing to the cache
+            (which the next run could reuse) and needing no disk for them.
         progress: show download progress bars.
     """
 
@@ -46,6 +48,11 @@ class HubOptions:
     )
     offline: bool | None = option(
         None, group="Hugging Face Hub", help="Use only the Hub cache, no network (also HF_HUB_OFFLINE=1)."
+    )
+    stream: bool = option(
+        False,
+        group="Hugging Face Hub",
+        help="Read Hub safetensors by range requests while averaging: nothing is downloaded to the cache.",
     )
     progress: bool = False
 

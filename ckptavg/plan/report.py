@@ -133,7 +133,9 @@ def _writes(plan: Plan) -> list[str]:
         lines = [f"writes:     {remote.shown if remote is not None else plan.output}"]
     if plan.extra_files:
         names = ", ".join(p.name for p in plan.extra_files)
-        lines.append(f"copies:     {names} from {plan.extra_files[0].parent}")
+        last = plan.checkpoints[-1]  # a remote one's are fetched copies: name where they come from
+        source = plan.extra_files[0].parent if last.path is not None else last.label.rsplit("/", 1)[0]
+        lines.append(f"copies:     {names} from {source}")
     if plan.kept:
         lines.append(f"keeps:      {', '.join(plan.kept)} (not written by ckptavg) in {plan.output}")
     return lines

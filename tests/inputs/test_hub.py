@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import tempfile
 
 import pytest
 import torch
@@ -246,9 +247,16 @@ class TestErrors:
 
     def test_disk_too_small_for_the_download(self, tmp_path, hub, monkeypatch):
         monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**6, 10**6, 10))
-        with pytest.raises(InputError, match=r"the Hub inputs need .* but only 10 B is free there"):
+        with pytest.raises(
+            InputError,
+            match=r"the Hub inputs need .* but only 10 B is free there; pass `stream` to read them",
+        ):
             hub_average(tmp_path, ["hf://org/run@step1"])
         assert hub.downloads() == []
+        result = CliRunner().invoke(
+            main, ["swa", "hf://org/run@step1", "-o", str(tmp_path / "o.safetensors")]
+        )
+        assert result.exit_code == 1 and "pass --stream to read them by range requests" in result.output
 
     def test_cli_prints_one_line(self, tmp_path, hub):
         result = CliRunner().invoke(
@@ -282,3 +290,76 @@ class TestPlanningWithoutDownloading:
         assert "hf://org/sharded@main/model.safetensors.index.json  (header only" in result.output
         assert "tensors: 9, parameters: 179" in result.output
         assert not any(path.endswith(".safetensors") for path in hub.downloads())
+
+
+def cached_files(tmp_path) -> list[str]:
+    """What the Hub cache holds beyond huggingface_hub's bookkeeping: downloaded files and their links."""
+    cache = tmp_path / "hf" / "hub"
+    return sorted(
+        str(p.relative_to(cache))
+        for p in cache.rglob("*")
+        if p.is_file() and {"blobs", "snapshots"} & set(p.parts)
+    )
+
+
+class TestStream:
+    def test_same_output_as_the_download_and_nothing_in_the_cache(self, tmp_path, hub):
+        plan, _ = hub_average(tmp_path, ["hf://org/run@step*"], name="streamed.safetensors", stream=True)
+        assert cached_files(tmp_path) == [] and hub.downloads() == []
+        assert all(ranged for method, path, ranged in hub.requests if method == "GET" and "/resolve/" in path)
+        assert "(read by byte ranges)" in "\n".join(plan.describe())
+        hub_average(tmp_path, ["hf://org/run@step*"], name="downloaded.safetensors")
+        assert cached_files(tmp_path) != []
+        streamed = (tmp_path / "streamed.safetensors").read_bytes()
+        assert streamed == (tmp_path / "downloaded.safetensors").read_bytes()  # provenance included
+
+    def test_shards_to_a_folder_with_the_config_of_the_last(self, tmp_path, hub, monkeypatch):
+        (tmp_path / "tmp").mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+        CliRunner().invoke(
+            main, ["swa", "hf://org/run@step1", "hf://org/sharded", "--keep-order", "-o", f"{tmp_path}/d/"]
+        )
+        result = CliRunner().invoke(
+            main,
+            [
+                "swa",
+                "hf://org/run@step1",
+                "hf://org/sharded",
+                "--keep-order",
+                "--stream",
+                "-o",
+                f"{tmp_path}/s/",
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        assert "copies:     config.json from hf://org/sharded@main" in result.output
+        assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["config.json", "model.safetensors"]
+        for name in ("config.json", "model.safetensors"):
+            assert (tmp_path / "s" / name).read_bytes() == (tmp_path / "d" / name).read_bytes()
+        assert not list(tmp_path.glob("tmp/ckptavg-side-files-*/config.json"))  # removed after the run
+
+    def test_dry_run_streams_headers_only(self, tmp_path, hub):
+        result = CliRunner().invoke(
+            main, ["ema", "--decay", "0.5", "hf://org/run@step*", "--stream", "--dry-run"]
+        )
+        assert result.exit_code == 0, result.output
+        assert "hf://org/run@step10/model.safetensors  (read by byte ranges)" in result.output
+        assert cached_files(tmp_path) == [] and hub.downloads() == []
+
+    def test_torch_files_are_not_streamed(self, tmp_path, hub, states):
+        buffer = __import__("io").BytesIO()
+        torch.save(states[0], buffer)
+        hub.repos["org/torch"] = Repo()
+        hub.repos["org/torch"].commit({"pytorch_model.bin": buffer.getvalue()}, branch="main")
+        result = CliRunner().invoke(
+            main, ["swa", "hf://org/torch", "--stream", "-o", str(tmp_path / "o.safetensors")]
+        )
+        assert result.exit_code == 1
+        assert result.output.strip() == (
+            "error: hf://org/torch@main/pytorch_model.bin: --stream reads safetensors checkpoints only; "
+            "leave out --stream to download this one to the cache"
+        )
+
+    def test_stream_and_offline_contradict(self, tmp_path, hub):
+        with pytest.raises(InputError, match="`stream` reads from the Hub, which `offline` forbids"):
+            hub_average(tmp_path, ["hf://org/run@step1"], stream=True, offline=True)

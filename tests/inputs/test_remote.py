@@ -3,8 +3,10 @@ s3fs as against AWS), https:// against a local HTTP server that honours Range.""
 
 import functools
 import http.server
+import json
 import os
 import socket
+import tempfile
 import threading
 
 import pytest
@@ -272,3 +274,32 @@ def test_https_style_url_by_ranges(tmp_path, small_blocks):
         assert same(remote, load_file(tmp_path / "local.safetensors"))
     finally:
         server.shutdown()
+
+
+def test_a_folder_output_gets_the_config_of_the_last_remote_input(s3, tmp_path, monkeypatch):
+    fs, options = s3
+    upload(fs, "configs", perturbed_states(2))
+    fs.pipe("runs/configs/step_2/config.json", b'{"model_type": "last"}')
+    fs.pipe("runs/configs/step_2/tokenizer.json", b'{"version": "1.0"}')
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    result = CliRunner().invoke(
+        main,
+        [
+            "swa",
+            "s3://runs/configs/step_*/",
+            "-o",
+            f"{tmp_path}/out/",
+            "--storage-options",
+            json.dumps(options),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "copies:     config.json, tokenizer.json from s3://runs/configs/step_2" in result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
+    assert (tmp_path / "out" / "config.json").read_bytes() == b'{"model_type": "last"}'
+    assert list((tmp_path / "tmp").iterdir()) == []  # the fetched copies are removed
