@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import InputError
+from . import dtypes
 from .averaged_model import averaged_model_wrapper
 from .dcp import is_dcp_folder, open_dcp_folder
 from .deepspeed import is_deepspeed_folder, is_model_states, open_deepspeed_folder, open_model_states
@@ -203,20 +204,28 @@ class Checkpoint:
             return None
         return (shard.path, *shard.offsets[stored])
 
-    def get_run(self, names: Sequence[str]):
+    def get_run(self, names: Sequence[str], start: int = 0, stop: int | None = None):
         """Tensors stored back to back in one file, with one dtype, as one flat zero-copy view
-        (a single tensor of any file, flattened).
+        (a single tensor of any file, flattened), of which elements `start` to `stop` will be read.
 
-        A model's many small tensors are then summed in one operation instead of one each.
+        A model's many small tensors are then summed in one operation instead of one each. A remote
+        file fetches only the elements to be read (a rank's part of the run).
         """
         shard, stored = self._where[names[0]]
+        info = self.tensors[names[0]]
+        if hasattr(shard, "read_range"):
+            _, begin, _ = self.byte_range(names[0])
+            _, _, end = self.byte_range(names[-1])
+            size = dtypes.itemsize(info.dtype)
+            within = (begin + start * size, end if stop is None else begin + stop * size)
+            return shard.get_bytes(begin, end, info.dtype, within)
         if len(names) == 1:
             if hasattr(shard, "get_flat"):
-                return shard.get_flat(stored, self.tensors[names[0]])
-            return shard.get(stored, self.tensors[names[0]]).reshape(-1)
+                return shard.get_flat(stored, info)
+            return shard.get(stored, info).reshape(-1)
         _, begin, _ = self.byte_range(names[0])
         _, _, end = self.byte_range(names[-1])
-        return shard.get_bytes(begin, end, self.tensors[names[0]].dtype)
+        return shard.get_bytes(begin, end, info.dtype)
 
     def check_unchanged(self) -> None:
         """Refuse a checkpoint whose files changed since they were opened (still being written?).

@@ -127,13 +127,16 @@ class RemoteSafetensorsFile:
         begin, end = self.offsets[name]
         return self.get_bytes(begin, end, info.dtype)[:].view(info.shape)
 
-    def get_flat(self, name: str, info: TensorInfo) -> RemoteBytes:
+    def get_flat(self, name: str, info: TensorInfo, within: tuple[int, int] | None = None) -> RemoteBytes:
         begin, end = self.offsets[name]
-        return self.get_bytes(begin, end, info.dtype)
+        return self.get_bytes(begin, end, info.dtype, within)
 
-    def get_bytes(self, begin: int, end: int, dtype: str) -> RemoteBytes:
-        """The object's bytes [begin, end) as a flat tensor of `dtype`, fetched as it is sliced."""
-        return RemoteBytes(self, self._reader, begin, end, dtypes.torch_dtype(dtype))
+    def get_bytes(
+        self, begin: int, end: int, dtype: str, within: tuple[int, int] | None = None
+    ) -> RemoteBytes:
+        """The object's bytes [begin, end) as a flat tensor of `dtype`, fetched as it is sliced;
+        only the bytes `within` (a rank's part of them) are fetched ahead."""
+        return RemoteBytes(self, self._reader, begin, end, dtypes.torch_dtype(dtype), within)
 
     def read_range(self, begin: int, end: int):
         """Bytes [begin, end) of the pinned version, as a uint8 tensor."""
@@ -169,13 +172,22 @@ class RemoteSafetensorsFile:
 
 class RemoteBytes:
     """A flat run of an object's values, as the engine reads it (`[a:b]`, `numel()`,
-    `element_size()`, `dtype`): blocks fetched ahead of the slices asked for, in order."""
+    `element_size()`, `dtype`): blocks fetched ahead of the slices asked for, in order, from the
+    start to the end of the bytes `within` (all of them unless given)."""
 
-    def __init__(self, source: RemoteSafetensorsFile, reader: RangeReader, begin: int, end: int, dtype):
+    def __init__(
+        self,
+        source: RemoteSafetensorsFile,
+        reader: RangeReader,
+        begin: int,
+        end: int,
+        dtype,
+        within: tuple[int, int] | None = None,
+    ):
         self._source, self._reader = source, reader
         self._begin, self._end, self.dtype = begin, end, dtype
         self._blocks: deque[tuple[int, int, Future, bool]] = deque()  # begin, end, bytes, reserved
-        self._next = begin  # where the next block to fetch starts
+        self._next, self._last = within or (begin, end)  # the next block to fetch starts at _next
         self._ahead = 0  # bytes of the blocks held under this stream's share
         self._open = True
         reader.opened(+1)
@@ -208,7 +220,7 @@ class RemoteBytes:
                 values = future.result()
                 parts.append(values[max(begin - block_begin, 0) : min(end, block_end) - block_begin])
             raw = parts[0] if len(parts) == 1 else torch.cat(parts)
-            if end >= self._end:
+            if end >= self._last:
                 self.close()
         try:
             return raw.view(self.dtype)
@@ -218,8 +230,8 @@ class RemoteBytes:
     def _fill(self, needed: int = 0) -> None:
         """Fetch the blocks up to `needed`, and more ahead within this stream's share of the
         read-ahead (the first block always)."""
-        while self._open and self._next < self._end:
-            block_end = min(self._next + REMOTE_BLOCK_BYTES, self._end)
+        while self._open and self._next < self._last:
+            block_end = min(self._next + REMOTE_BLOCK_BYTES, self._last)
             size = block_end - self._next
             reserved = self._reader.reserve(size, self._ahead)
             if not reserved and self._blocks and self._next >= needed:

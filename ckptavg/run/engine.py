@@ -376,8 +376,9 @@ def _to_odd_float32(values: torch.Tensor) -> torch.Tensor:
 
 
 def _flat(checkpoint, span: Span) -> torch.Tensor:
-    """The input's values for a span of tensors, as one flat zero-copy view."""
-    return checkpoint.get_run(span.names)
+    """The input's values for a span of tensors, as one flat zero-copy view (of which the
+    span's elements are read)."""
+    return checkpoint.get_run(span.names, span.start, span.end)
 
 
 def _checkable(values: torch.Tensor) -> torch.Tensor:
