@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from ckptavg.errors import RankError
 from ckptavg.run import distributed
@@ -354,3 +355,67 @@ def test_a_single_process_never_joins_a_group(monkeypatch):
     with distributed.joined() as group:
         assert group is None
     assert issubclass(RankError, Exception)
+
+
+def _ranges(log: Path) -> dict[str, list[tuple[int, int]]]:
+    """The byte ranges of each object a process fetched, merged where they touch or overlap."""
+    found: dict[str, list[tuple[int, int]]] = {}
+    for line in log.read_text().splitlines() if log.exists() else ():
+        path, begin, end = line.split()
+        found.setdefault(path, []).append((int(begin), int(end)))
+    return {path: _ranges_union(ranges) for path, ranges in found.items()}
+
+
+def test_each_rank_fetches_only_its_share_of_remote_inputs(tmp_path):
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from s3_server import s3_server
+
+    with s3_server() as (fs, options):
+        for i in range(3):
+            g = torch.Generator().manual_seed(i)
+            state = {
+                "big.weight": torch.randn(3_000_000, generator=g),
+                "small.bias": torch.randn(700, generator=g),
+            }
+            fs.pipe(f"runs/dist/step_{i + 1}.safetensors", save(state, metadata={"format": "pt"}))
+        args = [
+            "swa",
+            "s3://runs/dist/*.safetensors",
+            "--storage-options",
+            json.dumps(options),
+            "-o",
+            "out.safetensors",
+        ]
+        one, two = tmp_path / "one", tmp_path / "two"
+        one.mkdir(), two.mkdir()
+        log = tmp_path / "ranges"
+        done = subprocess.run(
+            [sys.executable, str(WORKER), *args],
+            cwd=one,
+            env=_env(CKPTAVG_TEST_RANGE_LOG=str(log)),
+            capture_output=True,
+            text=True,
+            timeout=LIMIT,
+        )
+        assert done.returncode == 0, done.stderr
+        done = _torchrun(args, two, CKPTAVG_TEST_RANGE_LOG=str(log))
+        assert done.returncode == 0, done.stderr
+    assert (two / "out.safetensors").read_bytes() == (one / "out.safetensors").read_bytes()
+    single, first, second = (_ranges(Path(f"{log}.{who}")) for who in ("single", "0", "1"))
+    assert first and second
+    for path, ranges in single.items():
+        theirs = sorted(first.get(path, []) + second.get(path, []))
+        overlaps = [(a, b) for a, b in itertools.pairwise(theirs) if b[0] < a[1]]
+        assert overlaps == [], f"{path}: bytes fetched by both ranks"
+        assert _ranges_union(theirs) == ranges  # together, exactly what one process fetches
+
+
+def _ranges_union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for begin, end in sorted(ranges):
+        if merged and begin <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((begin, end))
+    return merged
