@@ -84,7 +84,8 @@ def main():
     \b
     ckptavg swa 'ckpts/*.safetensors' -o swa.safetensors
     ckptavg ema --decay 0.9 'ckpts/*.safetensors' -o ema.safetensors --dry-run
-    ckptavg swa 'hf://org/run@step14*' -o swa/
+    ckptavg swa 'hf://org/run@step14*' -o swa/ --stream   # by range requests, no download
+    ckptavg ema --decay 0.9 's3://runs/llama/step-*/' --last 8 -o s3://runs/llama/ema/
     ckptavg inspect ema.safetensors
     torchrun --nproc-per-node 8 -m ckptavg swa 'ckpt/step-*' -o swa/   # one run over 8 processes
 
