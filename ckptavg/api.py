@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from .adapters.options import LoraOptions
 from .errors import CkptavgError, OptionsError
 from .formats.readers import Checkpoint, open_checkpoint, open_headers
+from .formats.remote_downloads import Downloads
 from .formats.remote_files import RangeReader, open_remote_checkpoint
 from .inputs.folders import Source
 from .inputs.hub_options import HubOptions
@@ -75,10 +76,12 @@ def open_checkpoints(
         storage_options=read.storage_options,
     )
     with ExitStack() as stack:
-        reader = None
+        reader = downloads = None
         if any(source.remote is not None for source in sources):  # one read-ahead for every URL
             reader = stack.enter_context(RangeReader(_read_ahead(read.read_ahead), read.remote_requests))
-        checkpoints = [stack.enter_context(_open_source(source, read, reader)) for source in sources]
+            downloads = stack.enter_context(Downloads(reader, fetch))  # torch files, DCP, DeepSpeed
+        opened = (_open_source(source, read, reader, downloads) for source in sources)
+        checkpoints = [stack.enter_context(checkpoint) for checkpoint in opened]
         for checkpoint in checkpoints:
             for path in checkpoint.files:
                 supervision.announce_input(path)  # to name it if it changes under its memory map
@@ -97,11 +100,16 @@ def _patterns(value: str | Sequence[str]) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
-def _open_source(source: Source, read: ReadOptions, reader: RangeReader | None) -> Checkpoint:
+def _open_source(
+    source: Source, read: ReadOptions, reader: RangeReader | None, downloads: Downloads | None
+) -> Checkpoint:
     if source.remote is not None:
         checkpoint = open_remote_checkpoint(
             source.remote,
             reader,
+            downloads,
+            key=read.key,
+            master_weights=read.master_weights,
             strip_prefix=read.strip_prefix,
             label=source.label,
             origin=source.origin,

@@ -290,20 +290,30 @@ def storage_message(url: str, error: BaseException, byte_range: tuple[int, int] 
     return f"{url}: {where} after the storage library's retries ({cause})"
 
 
-def open_remote_checkpoint(remote: RemoteObject, reader: RangeReader, **opening):
-    """A checkpoint in object storage: a safetensors object, or the index of safetensors shards
-    (`opening`: `strip_prefix`, `label`, `origin`, `include`, `exclude`, as `readers.open_checkpoint`).
+def open_remote_checkpoint(
+    remote: RemoteObject,
+    reader: RangeReader,
+    downloads,
+    *,
+    key: str | None = None,
+    master_weights: bool = False,
+    **opening,
+):
+    """A checkpoint in object storage: a safetensors object, or the index of safetensors shards, read
+    by ranges; a torch file (or an index of torch shards), DCP or DeepSpeed folder from a copy in
+    `downloads`, a `remote_downloads.Downloads` (`opening`: `strip_prefix`, `label`, `origin`, `include`,
+    `exclude`, as `readers.open_checkpoint`).
 
     Raises:
-        InputError: not a safetensors checkpoint (torch files and DCP or DeepSpeed folders are read
-            from a local disk), a shard is missing, or the storage refuses.
+        InputError: not a checkpoint ckptavg reads, a shard is missing, or the storage refuses.
     """
     import json
 
     from .readers import INDEX_SUFFIX, SAFETENSORS_SUFFIX, Checkpoint
+    from .torch_format import TORCH_SUFFIXES
 
     name = remote.path.rstrip("/").rsplit("/", 1)[-1]
-    if name.endswith(INDEX_SUFFIX):
+    if name.endswith(INDEX_SUFFIX) and not name.removesuffix(INDEX_SUFFIX).endswith(TORCH_SUFFIXES):
         try:
             index = json.loads(remote.fs.cat_file(remote.path))
         except ValueError as e:
@@ -321,10 +331,9 @@ def open_remote_checkpoint(remote: RemoteObject, reader: RangeReader, **opening)
     elif name.endswith(SAFETENSORS_SUFFIX):
         weight_map, shards = None, [RemoteSafetensorsFile(remote, reader)]
     else:
-        raise InputError(
-            f"{remote.url}: only safetensors checkpoints (a file, or an {INDEX_SUFFIX} of shards) are read "
-            "from remote storage; copy torch files and DCP or DeepSpeed folders to a local disk first"
-        )
+        from .remote_downloads import open_downloaded
+
+        return open_downloaded(remote, downloads, key=key, master_weights=master_weights, **opening)
     if not remote.immutable:
         opening["origin"] = f"{opening.get('origin') or remote.url} ({shards[0].version})"
     checkpoint = Checkpoint(None, shards, weight_map, **opening)
