@@ -191,7 +191,10 @@ class RemoteBytes:
         self._ahead = 0  # bytes of the blocks held under this stream's share
         self._open = True
         reader.opened(+1)
-        self._fill()
+        # The first block now, more at the first read: by then the streams of the other inputs'
+        # same tensor are open too, and each takes its share of the read-ahead (the first one
+        # would otherwise take it all, and the others would wait on every block).
+        self._fill(needed=self._next + 1, ahead=False)
 
     def numel(self) -> int:
         return (self._end - self._begin) // self.dtype.itemsize
@@ -207,9 +210,14 @@ class RemoteBytes:
         end = self._begin + max(start, stop) * self.dtype.itemsize
         while self._blocks and self._blocks[0][1] <= begin:
             self._drop()
+        if self._blocks:
+            behind = self._blocks[0][0] > begin
+        else:  # every block fetched was read: fetching goes on from here, unless this was read
+            behind = not self._open or begin < self._next
+            self._next = max(self._next, begin)
         if end == begin:
             raw = torch.empty(0, dtype=torch.uint8)
-        elif not self._blocks or self._blocks[0][0] > begin:  # behind the read-ahead: read again
+        elif behind:  # behind the read-ahead: read again
             raw = self._source.read_range(begin, end)
         else:
             self._fill(needed=end)
@@ -227,10 +235,12 @@ class RemoteBytes:
         except RuntimeError:  # a view of a block at an odd offset: a copy, still correct
             return raw.clone().view(self.dtype)
 
-    def _fill(self, needed: int = 0) -> None:
-        """Fetch the blocks up to `needed`, and more ahead within this stream's share of the
-        read-ahead (the first block always)."""
+    def _fill(self, needed: int = 0, ahead: bool = True) -> None:
+        """Fetch the blocks up to `needed` (the first block always), and with `ahead` more within
+        this stream's share of the read-ahead."""
         while self._open and self._next < self._last:
+            if not ahead and self._blocks and self._next >= needed:
+                return
             block_end = min(self._next + REMOTE_BLOCK_BYTES, self._last)
             size = block_end - self._next
             reserved = self._reader.reserve(size, self._ahead)
