@@ -3,6 +3,7 @@ saved by DeepSpeed, in S3 (moto's server through s3fs), average exactly as the s
 the temporary folder is gone after every run, a dry run downloads no weights."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -366,3 +367,41 @@ def test_dry_run_of_a_damaged_archive_is_one_line(s3, tmp_path, private_tmp):
     with pytest.raises(InputError, match=r"^s3://runs/dl/damaged/a.pt: not a readable torch checkpoint"):
         dry_run(["s3://runs/dl/damaged/a.pt"], options)
     assert list(private_tmp.iterdir()) == []
+
+
+def test_ctrl_c_mid_download_leaves_nothing_in_tmpdir(s3, tmp_path, ckptavg_command):
+    """The command, with TMPDIR set, interrupted while a torch file is being downloaded."""
+    import signal
+    import time
+
+    fs, options = s3
+    path = tmp_path / "big.pt"
+    torch.save({"w": torch.zeros(40_000_000, dtype=torch.uint8)}, path)
+    fs.pipe("runs/dl/big/a.pt", path.read_bytes())
+    fs.pipe("runs/dl/big/b.pt", path.read_bytes())
+    tmpdir = tmp_path / "tmpdir-of-the-command"
+    tmpdir.mkdir()
+    command = [
+        str(ckptavg_command),
+        "swa",
+        "s3://runs/dl/big/*.pt",
+        "-o",
+        str(tmp_path / "out.safetensors"),
+        "--storage-options",
+        json.dumps(options),
+        "--read-ahead",
+        "4MB",
+        "--remote-requests",
+        "1",
+    ]
+    process = subprocess.Popen(
+        command, env={**os.environ, "TMPDIR": str(tmpdir)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 60
+    while not any(tmpdir.glob("ckptavg-download-*/*/a.pt")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any(tmpdir.glob("ckptavg-download-*/*/a.pt")), "no download under TMPDIR"
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=60)[0].decode()
+    assert process.returncode != 0 and "Traceback" not in output, output
+    assert list(tmpdir.iterdir()) == [] and not (tmp_path / "out.safetensors").exists()
