@@ -116,8 +116,7 @@ def _open_source(
             include=read.include,
             exclude=read.exclude,
         )
-        if checkpoint.path is None:
-            checkpoint.remote_side_files = RemoteSideFiles(source.remote)
+        checkpoint.remote_side_files = RemoteSideFiles(source.remote)  # downloaded or not
         return checkpoint
     if source.headers is not None:
         headers, weight_map = source.headers

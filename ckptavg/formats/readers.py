@@ -180,9 +180,9 @@ class Checkpoint:
     def folder(self) -> Path | None:
         """The folder holding it, where its config and tokenizer files are (for a remote
         checkpoint, a local folder of their copies); None without such a folder."""
-        if self.path is not None:
-            return self.path.parent
-        return self.remote_side_files.folder() if self.remote_side_files is not None else None
+        if self.remote_side_files is not None:
+            return self.remote_side_files.folder()
+        return self.path.parent if self.path is not None else None
 
     @property
     def nbytes(self) -> int:

@@ -405,3 +405,29 @@ def test_ctrl_c_mid_download_leaves_nothing_in_tmpdir(s3, tmp_path, ckptavg_comm
     output = process.communicate(timeout=60)[0].decode()
     assert process.returncode != 0 and "Traceback" not in output, output
     assert list(tmpdir.iterdir()) == [] and not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_torch_model_folder_gives_a_folder_output_its_config(s3, tmp_path, private_tmp):
+    """A Hugging Face folder in torch form (`pytorch_model.bin` beside `config.json`) in S3."""
+    fs, options = s3
+    for step, state in enumerate(perturbed_states(2), 1):
+        folder = tmp_path / "local" / f"step_{step}"
+        folder.mkdir(parents=True)
+        torch.save(state, folder / "pytorch_model.bin")
+        (folder / "config.json").write_text(json.dumps({"model_type": "small", "step": step}))
+    upload_folder(fs, tmp_path / "local", "dl/torch_model")
+    result = CliRunner().invoke(
+        main,
+        [
+            "swa",
+            "s3://runs/dl/torch_model/step_*/",
+            "-o",
+            f"{tmp_path}/out/",
+            "--storage-options",
+            json.dumps(options),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["step"] == 2  # the last input's
+    assert list(private_tmp.iterdir()) == []
