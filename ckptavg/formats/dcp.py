@@ -2,7 +2,7 @@
 
 The metadata (read by `dcp_metadata`, no code runs) gives every tensor's global shape and dtype
 and the chunks it is stored as (FSDP saves one chunk per rank, each in that rank's file), and
-where each chunk's bytes lie. Only the model's tensors are read (see `_pick`): the optimizer's
+where each chunk's bytes lie. Only the model's tensors are read (see `pick_model_tensors`): the optimizer's
 state, the LR scheduler, the data loader and the train state saved beside them are never touched.
 
 Both of DCP's serializations are read in place (`dcp_chunks`), from one private map per file:
@@ -78,7 +78,7 @@ class DcpCheckpoint:
         self.path = folder / METADATA_NAME
         self.stamp = stamp_of(self.path)
         meta = read_metadata(self.path)
-        self.key, names, rule = _pick(meta, key, folder)
+        self.key, names, rule = pick_model_tensors(meta, key, folder)
         self._files: dict[str, DistcpFile] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self._chunks: dict[str, list[tuple[int, MappedChunk | EncodedChunk]]] = {}
@@ -92,7 +92,7 @@ class DcpCheckpoint:
                 file.close_handle()
         self.also_read = [file.path for file in self._files.values()]
         kinds = sorted({file.serialization for file in self._files.values()})
-        left = _left_out(meta, set(prefix + name for name in names))
+        left = left_out(meta, set(prefix + name for name in names))
         encoded = [
             span for chunks in self._chunks.values() for _, span in chunks if isinstance(span, EncodedChunk)
         ]
@@ -201,7 +201,7 @@ def _groups(meta: DcpMetadata, keys: Iterable[str]) -> dict[str, list[str]]:
     return groups
 
 
-def _pick(meta: DcpMetadata, key: str | None, folder: Path) -> tuple[str | None, list[str], str]:
+def pick_model_tensors(meta: DcpMetadata, key: str | None, folder: Path) -> tuple[str | None, list[str], str]:
     """The model's tensors: (the nested state dict they are under or None, their names there, the rule).
 
     `key` names the nested state dict; by default the first of `MODEL_KEYS` that is one, else the
@@ -234,7 +234,7 @@ def _pick(meta: DcpMetadata, key: str | None, folder: Path) -> tuple[str | None,
     )
 
 
-def _left_out(meta: DcpMetadata, taken: set[str]) -> str:
+def left_out(meta: DcpMetadata, taken: set[str]) -> str:
     """What the average leaves out, by top-level entry: `optimizer (24 tensors), train_state`."""
     rest = [k for k in (*meta.tensors, *meta.others) if k not in taken]
     parts = []

@@ -37,7 +37,7 @@ from .torch_format import read_torch_archive, scalar_entries, unaverageable
 MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
 OPTIM_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 STEP_FOLDERS = "global_step*"  # a training run's checkpoints, next to its `latest` tag file
-_ZERO12_MODEL = "mp_rank_00_model_states.pt"
+ZERO12_MODEL = "mp_rank_00_model_states.pt"
 
 
 def is_deepspeed_folder(files: Iterable[str]) -> bool:
@@ -87,18 +87,18 @@ def open_deepspeed_folder(folder: Path, key: str | None, master_weights: bool) -
             a rank's file missing, or partitions that do not add up to the model's parameters.
     """
     names = sorted(os.listdir(folder))
-    _refuse_parallelism(folder, names)
-    zero3 = _ZERO12_MODEL not in names
+    refuse_parallelism(folder, names)
+    zero3 = ZERO12_MODEL not in names
     if not zero3 and not master_weights:
-        file = TorchFile(folder / _ZERO12_MODEL, key or "module")
-        file.notes = [f"DeepSpeed ZeRO-1/2, key '{key or 'module'}' of {_ZERO12_MODEL}", *file.notes[1:]]
+        file = TorchFile(folder / ZERO12_MODEL, key or "module")
+        file.notes = [f"DeepSpeed ZeRO-1/2, key '{key or 'module'}' of {ZERO12_MODEL}", *file.notes[1:]]
         return [file]
     if key is not None:
         raise InputError(
             f"{folder}: `key={key}` picks a dict of a torch file, but the fp32 master weights of a DeepSpeed "
             "checkpoint are reassembled from its optimizer partitions; leave `key` out"
         )
-    model_files = _by_rank(folder, names, MODEL_STATES, "model-states") if zero3 else [folder / _ZERO12_MODEL]
+    model_files = _by_rank(folder, names, MODEL_STATES, "model-states") if zero3 else [folder / ZERO12_MODEL]
     optim_files = _by_rank(folder, names, OPTIM_STATES, "*_optim_states.pt")
     weights = MasterWeights(folder, model_files, optim_files)
     return [weights, *(CompanionFile(path) for path in weights.also_read)]
@@ -366,7 +366,7 @@ def _read(path: Path):
         return read_torch_archive(path)
 
 
-def _refuse_parallelism(folder: Path, names: Sequence[str]) -> None:
+def refuse_parallelism(folder: Path, names: Sequence[str]) -> None:
     for name in names:
         match = MODEL_STATES.match(name) or OPTIM_STATES.match(name)
         if match and match.group(2) != "00":

@@ -24,14 +24,14 @@ from ..memory import REMOTE_BLOCK_BYTES
 from ..units import format_bytes
 from . import dtypes
 from .archive_skeleton import archive_skeleton
-from .dcp import DISTCP_SUFFIX, METADATA_NAME, _left_out, _pick, is_dcp_folder
+from .dcp import DISTCP_SUFFIX, METADATA_NAME, is_dcp_folder, left_out, pick_model_tensors
 from .dcp_metadata import read_metadata
 from .deepspeed import (
-    _ZERO12_MODEL,
     MODEL_STATES,
     OPTIM_STATES,
-    _refuse_parallelism,
+    ZERO12_MODEL,
     is_deepspeed_folder,
+    refuse_parallelism,
 )
 from .dtypes import TensorInfo
 from .files import HeaderOnlyFile
@@ -223,7 +223,7 @@ def _wanted(remote: RemoteObject, name: str, master_weights: bool) -> tuple[bool
     if names and is_dcp_folder(names) and not master_weights:
         return True, [METADATA_NAME, *sorted(n for n in names if n.endswith(DISTCP_SUFFIX))]
     if names and is_deepspeed_folder(names):
-        _refuse_parallelism(remote.url, sorted(names))
+        refuse_parallelism(remote.url, sorted(names))
         return True, _deepspeed_files(sorted(names), master_weights)
     if names or not name.endswith(TORCH_SUFFIXES):
         raise InputError(
@@ -275,8 +275,8 @@ def _deepspeed_files(names: list[str], master_weights: bool) -> list[str]:
     """What `deepspeed.open_deepspeed_folder` reads: ZeRO-1/2's model states, or with the master
     weights (ZeRO-3's always) every rank's model and optimizer states."""
     models = [n for n in names if MODEL_STATES.match(n)]
-    if _ZERO12_MODEL in names and not master_weights:
-        return [_ZERO12_MODEL]
+    if ZERO12_MODEL in names and not master_weights:
+        return [ZERO12_MODEL]
     return models + [n for n in names if OPTIM_STATES.match(n)]
 
 
@@ -287,7 +287,7 @@ def _planned_dcp(metadata: Path, url: str, key: str | None, total: int, opening:
         meta = read_metadata(metadata)
     except InputError as e:
         raise InputError(str(e).replace(str(metadata.parent), url.rstrip("/"))) from e
-    chosen, names, rule = _pick(meta, key, url)
+    chosen, names, rule = pick_model_tensors(meta, key, url)
     prefix = f"{chosen}." if chosen else ""
     tensors = {}
     for name in names:
@@ -298,7 +298,7 @@ def _planned_dcp(metadata: Path, url: str, key: str | None, total: int, opening:
             raise InputError(
                 f"{url}: tensor '{prefix + name}' has dtype {entry.dtype}, which ckptavg cannot average"
             ) from None
-    left = _left_out(meta, {prefix + name for name in names})
+    left = left_out(meta, {prefix + name for name in names})
     file = HeaderOnlyFile(METADATA_NAME, url, tensors, {})
     file.notes = (
         f"DCP, {rule}",
