@@ -149,3 +149,20 @@ def output_io(request, tmp_path, monkeypatch) -> str:
     else:
         require_o_direct(tmp_path)
     return request.param
+
+
+def save_torch_shards(folder: Path, state: dict, split: int) -> None:
+    """A Hugging Face folder of two `pytorch_model-0000N-of-00002.bin` shards (the sorted names
+    before `split`, then the rest) and their `pytorch_model.bin.index.json`."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(state)
+    halves = {
+        "pytorch_model-00001-of-00002.bin": names[:split],
+        "pytorch_model-00002-of-00002.bin": names[split:],
+    }
+    for shard, keys in halves.items():
+        torch.save({n: state[n] for n in keys}, folder / shard)
+    index = {"metadata": {}, "weight_map": {n: shard for shard, keys in halves.items() for n in keys}}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))

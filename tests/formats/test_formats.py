@@ -7,7 +7,7 @@ import types
 
 import pytest
 import torch
-from conftest import needed_module, perturbed_states, save_series, temp_files
+from conftest import needed_module, perturbed_states, save_series, save_torch_shards, temp_files
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -116,16 +116,7 @@ class TestTorchInputs:
     def test_hugging_face_sharded_bin_folders(self, tmp_path, states, reference):
         for i, state in enumerate(states, 1):
             folder = tmp_path / "run" / f"step_{i}"
-            folder.mkdir(parents=True)
-            names = sorted(state)
-            halves = {
-                "pytorch_model-00001-of-00002.bin": names[:4],
-                "pytorch_model-00002-of-00002.bin": names[4:],
-            }
-            for file, keys in halves.items():
-                torch.save({k: state[k] for k in keys}, folder / file)
-            index = {"metadata": {}, "weight_map": {k: f for f, keys in halves.items() for k in keys}}
-            (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+            save_torch_shards(folder, state, split=4)
             (folder / "config.json").write_text("{}")
         assert_same_tensors(
             average_of([str(tmp_path / "run" / "step_*")], tmp_path, "out.safetensors"), reference

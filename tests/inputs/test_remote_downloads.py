@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import needed_module, perturbed_states
+from conftest import needed_module, perturbed_states, save_torch_shards
 from s3_server import s3_server
 from safetensors.torch import load_file
 
@@ -328,16 +328,7 @@ def test_torch_shards_average_as_local_ones(s3, tmp_path, private_tmp, downloade
     folders = []
     for step, state in enumerate(perturbed_states(2), 1):
         folder = tmp_path / "local" / f"checkpoint-{step}"
-        folder.mkdir(parents=True)
-        names = sorted(state)
-        halves = {
-            "pytorch_model-00001-of-00002.bin": names[:3],
-            "pytorch_model-00002-of-00002.bin": names[3:],
-        }
-        for shard, keys in halves.items():
-            torch.save({n: state[n] for n in keys}, folder / shard)
-        index = {"weight_map": {n: shard for shard, keys in halves.items() for n in keys}}
-        (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+        save_torch_shards(folder, state, split=3)
         (folder / "optimizer.pt").write_bytes(b"never read")
         folders.append(folder)
     upload_folder(fs, tmp_path / "local", "dl/shards")
