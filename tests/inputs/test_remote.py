@@ -4,8 +4,6 @@ s3fs as against AWS), https:// against a local HTTP server that honours Range.""
 import functools
 import http.server
 import json
-import os
-import socket
 import tempfile
 import threading
 
@@ -13,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import perturbed_states
+from s3_server import s3_server
 from safetensors.torch import load_file, save
 
 import ckptavg
@@ -22,36 +21,14 @@ from ckptavg.formats import remote_files
 from ckptavg.options import OutputOptions, ReadOptions
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytest.importorskip("moto.server")
 
 
 @pytest.fixture(scope="module")
 def s3():
-    """A moto S3 server on loopback and the storage options that reach it; yields (fs, options)."""
-    import s3fs
-
-    saved = {name: os.environ.get(name) for name in ("AWS_DEFAULT_REGION", "AWS_CONFIG_FILE")}
-    os.environ.update(AWS_DEFAULT_REGION="us-east-1", AWS_CONFIG_FILE=os.devnull)  # nothing of this machine's
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    options = {
-        "key": "testing",
-        "secret": "testing",
-        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
-    }
-    fs = s3fs.S3FileSystem(**options)
-    fs.makedirs("runs", exist_ok=True)  # moto keeps its buckets for the process
-    yield fs, options
-    server.stop()
-    for name, value in saved.items():
-        os.environ.pop(name, None) if value is None else os.environ.update({name: value})
+    """A moto S3 server on loopback; yields (fs, storage options)."""
+    with s3_server() as found:
+        yield found
 
 
 @pytest.fixture
