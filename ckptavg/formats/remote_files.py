@@ -4,16 +4,20 @@ The header is read by small ranges; each tensor's bytes are fetched in blocks by
 of concurrent range requests (`RangeReader`) running ahead of the sums, within a read-ahead bounded
 in bytes. Each object is pinned when it is opened (its ETag, version or size and modification
 time): S3 checks every range against the ETag, and every object is checked again before the
-output is committed. Requests go through the storage library's file system (fsspec), whose own
-retry machinery handles transient errors; what is left after its last try is one line naming the
-object and the byte range.
+output is committed. Requests go through the storage library's file system (fsspec), with its own
+retries; a range, an opening or a description that still fails in a way another try may mend is
+tried again with back-off (fsspec's HTTP file system retries nothing), and what is left after the
+last try is one line naming the object and the byte range. A request in flight never holds up the
+end of a failed or interrupted run.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
+import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -27,7 +31,14 @@ from .safetensors_header import read_header
 # Header reads: the first range holds the header of most files whole.
 _HEADER_BLOCK = 2**16
 # What of an object's description says which version it is, by file system.
-_PIN_KEYS = ("ETag", "etag", "VersionId", "version_id", "generation", "size", "LastModified", "mtime")
+_PIN_KEYS = (
+    *("ETag", "etag", "VersionId", "version_id", "generation", "size", "LastModified", "mtime"),
+    "Last-Modified",  # HTTP's header, as fsspec's HTTP file system describes a URL
+)
+# A request's tries (a range, an object's opening or description), and the wait before the
+# second (doubled before each next one).
+REQUEST_TRIES = 3
+REQUEST_BACKOFF = 0.5
 
 
 @dataclass(frozen=True)
@@ -50,13 +61,31 @@ class RangeReader:
 
     def __init__(self, read_ahead: int, requests: int):
         self.read_ahead = read_ahead
-        self._pool = ThreadPoolExecutor(max(1, requests), thread_name_prefix="ckptavg-range")
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._workers = [
+            threading.Thread(target=self._work, name=f"ckptavg-range-{i}", daemon=True)
+            for i in range(max(1, requests))
+        ]
+        for worker in self._workers:
+            worker.start()
         self._lock = threading.Lock()
         self._held = 0
         self._streams = 0
 
     def fetch(self, source: RemoteSafetensorsFile, begin: int, end: int) -> Future:
-        return self._pool.submit(source.read_range, begin, end)
+        future: Future = Future()
+        self._tasks.put((future, source, begin, end))
+        return future
+
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            future, source, begin, end = task
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(source.read_range(begin, end))
+            except BaseException as e:  # the waiting reader raises it
+                future.set_exception(e)
 
     def reserve(self, nbytes: int, ahead: int) -> bool:
         """Whether a stream already `ahead` bytes ahead may fetch `nbytes` more (its fair share of
@@ -77,7 +106,18 @@ class RangeReader:
             self._streams += change
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Cancel the requests not started and stop the workers, without waiting for those in
+        flight: a server that stopped answering must not hold up the end of a failed or
+        interrupted run (the workers are daemons; what they still fetch is dropped)."""
+        while True:
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task[0].cancel()
+        for _ in self._workers:
+            self._tasks.put(None)
 
     def __enter__(self) -> RangeReader:
         return self
@@ -98,14 +138,7 @@ class RemoteSafetensorsFile:
         self.remote, self.url, self._reader = remote, remote.url, reader
         self.path = PurePosixPath(remote.path)  # its name in the checkpoint's folder
         self.read_ahead = reader.read_ahead
-        try:
-            self._file = remote.fs.open(remote.path, "rb", block_size=_HEADER_BLOCK, cache_type="readahead")
-            self.pin = _pin(self._file.details)
-            stored, self.metadata = read_header(remote.url, self._file)
-        except InputError:
-            raise
-        except Exception as e:
-            raise InputError(storage_message(remote.url, e)) from e
+        stored, self.metadata = tried(self._open, remote.url)
         self.tensors = {name: TensorInfo(t.dtype, t.shape) for name, t in stored.items()}
         self.offsets = {name: (t.begin, t.end) for name, t in stored.items()}
         self.scalars = {}
@@ -114,6 +147,15 @@ class RemoteSafetensorsFile:
                 self.scalars[key] = float(value)
             except ValueError:
                 continue
+
+    def _open(self):
+        """Open the object, pin the version it has now, and read its header."""
+        fs, path = self.remote.fs, self.remote.path
+        self._file = fs.open(path, "rb", block_size=_HEADER_BLOCK, cache_type="readahead")
+        self.pin = _pin(self._file.details)
+        if set(self.pin) <= {"size"}:  # fsspec's HTTP files know their size only: ask for the rest
+            self.pin = _pin({**fs.info(path), "size": self._file.size})
+        return read_header(self.url, self._file)
 
     @property
     def version(self) -> str:
@@ -142,10 +184,7 @@ class RemoteSafetensorsFile:
         """Bytes [begin, end) of the pinned version, as a uint8 tensor."""
         import torch
 
-        try:
-            data = self._file._fetch_range(begin, end)
-        except Exception as e:
-            raise InputError(storage_message(self.url, e, (begin, end))) from e
+        data = tried(lambda: self._file._fetch_range(begin, end), self.url, (begin, end))
         if len(data) != end - begin:
             raise InputError(changed_message(self.url))
         return (
@@ -160,13 +199,14 @@ class RemoteSafetensorsFile:
         Raises:
             InputError: naming the object.
         """
-        fs = self.remote.fs
-        try:
-            fs.invalidate_cache(self.remote.path)
-            now = _pin(fs.info(self.remote.path))
-        except Exception as e:
-            raise InputError(storage_message(self.url, e)) from e
-        if now != self.pin:
+        fs, path = self.remote.fs, self.remote.path
+
+        def described() -> dict:
+            fs.invalidate_cache(path)
+            return _pin(fs.info(path))
+
+        now = tried(described, self.url)
+        if {key: now.get(key) for key in self.pin} != self.pin:  # what was pinned, as it is now
             raise InputError(changed_message(self.url))
 
 
@@ -283,9 +323,53 @@ def changed_message(url: str) -> str:
     )
 
 
-def storage_message(url: str, error: BaseException, byte_range: tuple[int, int] | None = None) -> str:
+def tried(request, url: str, byte_range: tuple[int, int] | None = None):
+    """`request()`, tried again after a failure that another try may mend (`REQUEST_TRIES` in all,
+    after waits that double), since fsspec's HTTP file system retries nothing.
+
+    Raises:
+        InputError: what is left after the last try, one line naming the object (and the range).
+    """
+    for attempt in range(1, REQUEST_TRIES + 1):
+        try:
+            return request()
+        except InputError:
+            raise
+        except Exception as e:
+            if attempt == REQUEST_TRIES or not transient(e):
+                raise InputError(storage_message(url, e, byte_range, attempt)) from e
+        time.sleep(REQUEST_BACKOFF * 2 ** (attempt - 1))
+
+
+def transient(error: BaseException) -> bool:
+    """Whether another try may succeed, and no library tried already: not a missing object, a
+    refusal, a changed object, a server that ignores ranges (fsspec's ValueError), an HTTP answer
+    of 4xx other than 408 and 429, nor botocore's own errors (after its retries: a connection or
+    time-out that more tries would only make wait longer)."""
+    error = unanswered(error) or error
+    kind = type(error)
+    if isinstance(error, FileNotFoundError | PermissionError | ValueError) or kind.__name__ == "FileExpired":
+        return False
+    if kind.__module__.startswith("botocore."):
+        return False
+    status = getattr(error, "status", None)  # aiohttp's error for an HTTP answer
+    return not (isinstance(status, int) and 400 <= status < 500 and status not in (408, 429))
+
+
+def unanswered(error: BaseException) -> BaseException | None:
+    """The failure behind a FileNotFoundError that no server answered: fsspec's HTTP file system
+    raises one for any failure to describe a URL (nothing listening, no answer), not only a 404."""
+    cause = error.__cause__
+    answered = hasattr(cause, "status") or hasattr(cause, "response")  # aiohttp's, botocore's
+    return cause if isinstance(error, FileNotFoundError) and cause is not None and not answered else None
+
+
+def storage_message(
+    url: str, error: BaseException, byte_range: tuple[int, int] | None = None, tries: int = 1
+) -> str:
     """One line for a storage error: no such object, permission denied, a changed object, or what
-    was left after the storage library's last retry (with the byte range)."""
+    was left after the last retry (with the byte range, and how many times ckptavg tried it)."""
+    error = unanswered(error) or error
     if type(error).__name__ == "FileExpired":  # s3fs: the ETag no longer matches
         return changed_message(url)
     if isinstance(error, FileNotFoundError):
@@ -296,8 +380,10 @@ def storage_message(url: str, error: BaseException, byte_range: tuple[int, int] 
             "them in `storage_options`)"
         )
     cause = " ".join(str(error).split()) or type(error).__name__
-    where = f"reading bytes {byte_range[0]}-{byte_range[1] - 1} failed" if byte_range else "cannot be read"
-    return f"{url}: {where} after the storage library's retries ({cause})"
+    times = f" after {tries} tries" if tries > 1 else ""
+    if byte_range:
+        return f"{url}: reading bytes {byte_range[0]}-{byte_range[1] - 1} failed{times} ({cause})"
+    return f"{url}: cannot be read{times} ({cause})"
 
 
 def open_remote_checkpoint(

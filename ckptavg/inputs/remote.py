@@ -22,6 +22,13 @@ _CREDENTIALS = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
 # Which extra of ckptavg brings each protocol's library.
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "adl": "azure"}
 _NO_LISTING = ("http", "https")  # an HTTP server lists nothing: one object per URL
+# Waits for a server that stopped answering, unless `storage_options` set their own: seconds to
+# connect and between bytes of an answer. S3: botocore's tries of each request; s3fs's own retry
+# loops, nested (they multiplied botocore's tries 25-fold), are left to botocore and to the range
+# reads' tries (`remote_files.REQUEST_TRIES`).
+CONNECT_TIMEOUT = 10
+READ_TIMEOUT = 20
+S3_RETRIES = {"max_attempts": 3, "mode": "standard"}
 
 
 def is_url(spec: str) -> bool:
@@ -41,10 +48,12 @@ def filesystem(url: str, storage_options: dict | None) -> tuple[Any, str]:
         InputError: the protocol is unknown, or its library is not installed (saying which extra).
     """
     protocol = _URL.match(url).group(1).lower()
+    storage_options = storage_options or {}
     try:
         import fsspec.core
 
-        return fsspec.core.url_to_fs(url, **(storage_options or {}))
+        options = _with_timeouts(protocol, storage_options)
+        fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError as e:
         extra = _EXTRAS.get(protocol)
         install = f"pip install 'ckptavg[{extra}]'" if extra else f"install it ({e})"
@@ -55,6 +64,34 @@ def filesystem(url: str, storage_options: dict | None) -> tuple[Any, str]:
         raise InputError(f"{shown(url)}: {protocol}:// is not a protocol fsspec knows ({e})") from e
     except TypeError as e:
         raise InputError(f"{shown(url)}: `storage_options` not accepted by its file system ({e})") from e
+    if protocol in ("s3", "s3a") and "retries" not in _options_of(storage_options, "config_kwargs"):
+        fs.retries = 1  # s3fs's loops: one try each
+    return fs, path
+
+
+def _options_of(options: dict, key: str) -> dict:
+    value = options.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _with_timeouts(protocol: str, options: dict) -> dict:
+    """`options` with bounded waits for a server that stopped answering, where the libraries' own
+    would wait half an hour (S3: 15 s a try, 125 tries of a range) or 5 minutes a request (HTTP,
+    aiohttp), and what the user set kept. HTTP's `client_kwargs.timeout` may be a dict of
+    `aiohttp.ClientTimeout`'s fields (JSON cannot spell the object)."""
+    if protocol in ("s3", "s3a"):
+        config = {"connect_timeout": CONNECT_TIMEOUT, "read_timeout": READ_TIMEOUT}
+        config["retries"] = dict(S3_RETRIES)
+        return {**options, "config_kwargs": {**config, **_options_of(options, "config_kwargs")}}
+    if protocol in _NO_LISTING:
+        import aiohttp
+
+        client = _options_of(options, "client_kwargs")
+        timeout = client.get("timeout", {"sock_connect": CONNECT_TIMEOUT, "sock_read": READ_TIMEOUT})
+        if isinstance(timeout, dict):
+            timeout = aiohttp.ClientTimeout(**{"total": None, **timeout})
+        return {**options, "client_kwargs": {**client, "timeout": timeout}}
+    return options
 
 
 def remote_sources(spec: str, storage_options: dict | None, weights_name: str | None) -> list[Source]:

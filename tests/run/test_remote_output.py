@@ -71,13 +71,20 @@ def test_folder_shards_then_index(s3, tmp_path, monkeypatch):
     fs, options = s3
     order = []
     monkeypatch.setattr(remote_output.RemoteSafetensorsWriter, "complete", _logged("complete", order))
-    original_pipe = fs.pipe_file
+    original_filesystem = remote_output.filesystem
 
-    def pipe_file(path, *args, **kwargs):
-        order.append(("pipe", path.rsplit("/", 1)[-1]))
-        return original_pipe(path, *args, **kwargs)
+    def filesystem(url, options):  # the run's file system, its `pipe_file` logged
+        run_fs, path = original_filesystem(url, options)
+        original_pipe = run_fs.pipe_file
 
-    monkeypatch.setattr(fs, "pipe_file", pipe_file)  # the instance's sync method, the run's file system
+        def pipe_file(key, *args, **kwargs):
+            order.append(("pipe", key.rsplit("/", 1)[-1]))
+            return original_pipe(key, *args, **kwargs)
+
+        monkeypatch.setattr(run_fs, "pipe_file", pipe_file)  # the instance's sync method
+        return run_fs, path
+
+    monkeypatch.setattr(remote_output, "filesystem", filesystem)
     paths = inputs(tmp_path, big=1000)
     for path in paths:
         folder = tmp_path / path.stem
