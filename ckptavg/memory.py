@@ -20,3 +20,12 @@ READ_AHEAD_BYTES = 64 * 2**20
 REMOTE_REQUESTS = 8
 # Temporaries per element of rounding a float64 chunk to odd float32 before a narrower output dtype.
 ROUNDING_BYTES = 26
+# Parts of an upload to a URL output: S3 wants 5 MiB or more (but the last) and 10,000 at most;
+# the file being uploaded buffers up to two.
+UPLOAD_PART_BYTES = 8 * 2**20
+UPLOAD_MAX_PARTS = 9000
+
+
+def upload_part_bytes(file_bytes: int) -> int:
+    """The part size of a file's upload: larger for files over 9,000 minimum parts."""
+    return max(UPLOAD_PART_BYTES, -(-file_bytes // UPLOAD_MAX_PARTS))

@@ -31,6 +31,7 @@ from ..memory import (
     ROUNDING_BYTES,
     STAGING_BUFFERS,
     STAGING_BYTES,
+    upload_part_bytes,
 )
 from ..options import OutputOptions
 from ..schedules import Schedule
@@ -139,8 +140,9 @@ class Plan:
     @property
     def working_bytes(self) -> int:
         """Most the buffers can take: accumulators, a cast scratch, output chunks per dtype, the
-        writer's staging for writes past the page cache, the chunks inputs decode (compressed
-        DCP chunks, read one at a time), and the bytes fetched ahead from remote inputs."""
+        writer's staging for writes past the page cache (or a URL output's parts being uploaded),
+        the chunks inputs decode (compressed DCP chunks, read one at a time), and the bytes
+        fetched ahead from remote inputs."""
         averaged = [t for t in self.tensors if t.averaged]
         elements = min(max((t.numel for t in averaged), default=0), CHUNK_ELEMENTS)
         used = self.accumulators
@@ -148,7 +150,10 @@ class Plan:
         accumulators = (BUFFERS_IN_FLIGHT + 1) * dtypes.itemsize(accum)
         outputs = BUFFERS_IN_FLIGHT * sum(dtypes.itemsize(d) for d in {t.dtype for t in averaged})
         largest_file = max((file.nbytes for file in self.files), default=0)
-        staging = min(STAGING_BUFFERS, -(-largest_file // STAGING_BYTES)) * STAGING_BYTES
+        if self.layout is not None and self.layout.remote is not None:  # a URL output: its upload's parts
+            staging = 2 * upload_part_bytes(largest_file)
+        else:
+            staging = min(STAGING_BUFFERS, -(-largest_file // STAGING_BYTES)) * STAGING_BYTES
         decoded = sum(ck.decoded_bytes for ck in self.checkpoints)
         remote = [ck for ck in self.checkpoints if getattr(ck, "read_ahead", 0)]
         fetched = max((ck.read_ahead for ck in remote), default=0) + len(remote) * REMOTE_BLOCK_BYTES

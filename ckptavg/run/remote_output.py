@@ -17,11 +17,9 @@ from pathlib import Path
 from ..errors import OutputError
 from ..formats.safetensors_header import Entry, data_starts, encode_header
 from ..inputs.remote import filesystem
+from ..memory import upload_part_bytes
 from ..plan.remote_layout import RemoteTarget, output_message
 from . import interrupts
-
-MIN_PART_BYTES = 8 * 2**20  # S3 parts are at least 5 MiB, but the last
-MAX_PARTS = 9000  # S3 allows 10,000 parts to an upload
 
 
 class RemoteOutput:
@@ -111,7 +109,7 @@ class RemoteSafetensorsWriter:
         header = encode_header(entries, metadata)
         self._offsets = data_starts(entries, len(header))
         self._size = len(header) + sum(entry.nbytes for entry in entries)
-        self._part = max(MIN_PART_BYTES, -(-self._size // MAX_PARTS))
+        self._part = upload_part_bytes(self._size)
         try:
             self._file = fs.open(key, "wb", block_size=self._part, autocommit=False)
             self._put(memoryview(header))
