@@ -13,7 +13,6 @@ from ..disk import ensure_free_space
 from ..errors import InputError, OutputError
 from ..formats.safetensors_header import Entry
 from ..inputs.folders import ADAPTER_CONFIG_NAME
-from ..inputs.side_files import copy_side_file
 from ..plan.layout import INDEX_NAME
 from ..run import interrupts
 from ..run.transaction import OutputTransaction
@@ -57,7 +56,7 @@ def _write_adapter(plan: AdapterPlan) -> None:
         writer.finish()
         output.write_json(ADAPTER_CONFIG_NAME, config)
         for extra in plan.extra_files:
-            copy_side_file(extra, output.path_of(extra.name), plan.extra_root or extra.parent)
+            output.add_side_file(extra, plan.extra_root or extra.parent)
         for checkpoint in plan.checkpoints:
             checkpoint.check_unchanged()
         output.commit()
@@ -95,7 +94,7 @@ def _write_merged(plan: AdapterPlan) -> None:
                 INDEX_NAME, {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
             )
         for extra in layout.extra_files:
-            copy_side_file(extra, output.path_of(extra.name), layout.extra_root or extra.parent)
+            output.add_side_file(extra, layout.extra_root or extra.parent)
         for checkpoint in [*plan.checkpoints, base]:
             checkpoint.check_unchanged()
         output.commit()

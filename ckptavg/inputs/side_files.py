@@ -81,20 +81,8 @@ def copy_side_file(source: Path, destination: Path, root: Path) -> None:
     Raises:
         OutputError: the source changed into something that must not be copied, or a write failed.
     """
-    problem = _problem(source, root)
-    if problem is not None:
-        raise OutputError(f"{source}: changed while planning; {problem or 'it is a folder'}")
-    real = os.path.realpath(source)
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+    reader, mode = _open_checked(source, root)
     try:
-        reader = os.open(real, flags)
-    except OSError as e:
-        raise OutputError(f"{source}: cannot read it: {e.strerror or e}") from e
-    try:
-        info = os.fstat(reader)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_SIDE_FILE_BYTES:
-            raise OutputError(f"{source}: changed while planning; not copied")
-        mode = stat.S_IMODE(info.st_mode) & 0o666  # never wider than the source's
         writer = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
             while chunk := os.read(reader, _COPY_CHUNK):
@@ -108,3 +96,40 @@ def copy_side_file(source: Path, destination: Path, root: Path) -> None:
         raise OutputError(f"{destination.parent}: cannot copy {source}: {e.strerror or e}") from e
     finally:
         os.close(reader)
+
+
+def read_side_file(source: Path, root: Path) -> bytes:
+    """The bytes of `source`, checked again as the file is opened (for an upload).
+
+    Raises:
+        OutputError: the source changed into something that must not be copied, or cannot be read.
+    """
+    reader, _ = _open_checked(source, root)
+    try:
+        chunks = []
+        while chunk := os.read(reader, _COPY_CHUNK):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as e:
+        raise OutputError(f"{source}: cannot read it: {e.strerror or e}") from e
+    finally:
+        os.close(reader)
+
+
+def _open_checked(source: Path, root: Path) -> tuple[int, int]:
+    """A read-only descriptor of `source` if it may still be copied, and the copy's mode (never
+    wider than the source's)."""
+    problem = _problem(source, root)
+    if problem is not None:
+        raise OutputError(f"{source}: changed while planning; {problem or 'it is a folder'}")
+    real = os.path.realpath(source)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        reader = os.open(real, flags)
+    except OSError as e:
+        raise OutputError(f"{source}: cannot read it: {e.strerror or e}") from e
+    info = os.fstat(reader)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_SIDE_FILE_BYTES:
+        os.close(reader)
+        raise OutputError(f"{source}: changed while planning; not copied")
+    return reader, stat.S_IMODE(info.st_mode) & 0o666

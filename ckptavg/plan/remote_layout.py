@@ -75,7 +75,7 @@ def remote_layout(
     _check_absent(target, folder=True, force=force)
     last = checkpoints[-1]
     root = allowed_root(last.folder, last.label) if last.folder is not None else None
-    side = find_side_files(last.folder, root)[0] if root is not None else []
+    side, skipped = find_side_files(last.folder, root) if root is not None else ([], [])
     base = weights_name(last)
     limit = parse_size(max_shard_size if max_shard_size is not None else DEFAULT_FOLDER_SHARD_SIZE)
     return Layout(
@@ -85,7 +85,9 @@ def remote_layout(
         index_name=index_name(base),
         shard_size=limit,
         remote=target,
-        warnings=(f"{', '.join(p.name for p in side)}: not copied to a URL output",) if side else (),
+        extra_files=tuple(side),
+        extra_root=root,
+        warnings=tuple(skipped),
     )
 
 

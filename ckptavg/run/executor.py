@@ -15,7 +15,6 @@ from pathlib import Path
 from ..disk import ensure_free_space
 from ..errors import NonFiniteError, OutputError
 from ..formats.torch_format import save_torch_file
-from ..inputs.side_files import copy_side_file
 from ..plan.plan import Plan
 from ..plan.spans import spans
 from ..plan.tensors import OutputFile
@@ -179,5 +178,5 @@ def finish_output(plan: Plan, output: OutputTransaction, streamed: Path | None, 
     if index is not None:
         output.write_json(plan.layout.index_name, index)
     for extra in plan.extra_files:
-        copy_side_file(extra, output.path_of(extra.name), plan.extra_root or extra.parent)
+        output.add_side_file(extra, plan.extra_root or extra.parent)
     output.commit()

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..errors import OutputError
 from ..formats.safetensors_header import Entry, data_starts, encode_header
 from ..inputs.remote import filesystem
+from ..inputs.side_files import read_side_file
 from ..memory import upload_part_bytes
 from ..plan.remote_layout import RemoteTarget, output_message
 from . import interrupts
@@ -56,8 +57,12 @@ class RemoteOutput:
         self._writers.append(writer)
         return writer
 
+    def add_side_file(self, source: Path, root: Path) -> None:
+        """Put a config or tokenizer file (`inputs.side_files`) after the weights, at the commit."""
+        self._documents.insert(0, (source.name, read_side_file(source, root)))
+
     def write_json(self, name: str, content: dict) -> None:
-        """Put `name` (the index) after the weights, at the commit."""
+        """Put `name` (the index) after the weights and side files, at the commit."""
         self._documents.append((name, (json.dumps(content, indent=2) + "\n").encode()))
 
     def commit(self) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..errors import OutputError
 from ..formats.safetensors_header import Entry
+from ..inputs.side_files import copy_side_file
 from ..plan.layout import check_target, kept_files
 from . import interrupts, supervision
 from .writer import SafetensorsWriter
@@ -90,6 +91,10 @@ class OutputTransaction:
         """Have `writer` (anything with `abort()`, writing under `path_of`) aborted unless committed."""
         self._writers.append(writer)
         return writer
+
+    def add_side_file(self, source: Path, root: Path) -> None:
+        """Copy a config or tokenizer file (`inputs.side_files`) into the output folder."""
+        copy_side_file(source, self.path_of(source.name), root)
 
     def write_json(self, name: str, content: dict) -> None:
         path = self.path_of(name)
