@@ -1,7 +1,8 @@
 """URL inputs and outputs when the storage misbehaves, through a fault-injecting proxy
 (`fault_proxy.py`) in front of moto's S3 server and of a local HTTP server that honours Range:
-throttling and resets retried, a dead or silent server reported in one line in bounded time, an
-object replaced mid-run refused with nothing written, a slow server read slowly, Ctrl-C on one."""
+throttling and resets retried (reads and uploads), a dead or silent server reported in one line in
+bounded time (an upload aborted), an object replaced mid-run refused with nothing written, a slow
+server read slowly, Ctrl-C on one."""
 
 import functools
 import http.server
@@ -34,11 +35,18 @@ from inputs import test_remote
 from inputs.fault_proxy import Fault, FaultProxy
 
 small_blocks = test_remote.small_blocks
-# A silent server is given up on within seconds here (the defaults wait 20 s a try).
-QUICK = {
-    "s3": {"config_kwargs": {"connect_timeout": 1, "read_timeout": 2}},
-    "http": {"client_kwargs": {"timeout": {"sock_connect": 1, "sock_read": 2}}},
-}
+
+
+def waits(seconds: float) -> dict:
+    """Storage options that wait `seconds` to connect and for an answer's next bytes (the defaults
+    wait 10 s and 20 s a try), by protocol."""
+    return {
+        "s3": {"config_kwargs": {"connect_timeout": seconds, "read_timeout": seconds}},
+        "http": {"client_kwargs": {"timeout": {"sock_connect": seconds, "sock_read": seconds}}},
+    }
+
+
+QUICK = waits(1)  # a silent server given up on within seconds
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -170,6 +178,58 @@ def test_a_server_that_stops_answering_names_the_byte_range(request, tmp_path, s
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def local_checkpoints(tmp_path, count=3):
+    """Local inputs whose average (12 MB) is uploaded in two parts."""
+    paths = []
+    for i, state in enumerate(perturbed_states(count)):
+        state["big"] = torch.linspace(0, 1, 3_000_000) * (i + 1)
+        paths.append(tmp_path / f"step_{i + 1}.safetensors")
+        paths[-1].write_bytes(save(state))
+    return paths
+
+
+def upload_requests(method, path, headers) -> bool:
+    """A multipart upload's start, parts and completion."""
+    return method in ("PUT", "POST") and ("uploadId=" in path or path.endswith("?uploads"))
+
+
+def test_an_upload_through_throttling_and_resets(proxied_s3, tmp_path):
+    fs, options, proxy = proxied_s3
+    paths = local_checkpoints(tmp_path)
+    ckptavg.average(paths, ckptavg.swa(), tmp_path / "local.safetensors")
+    proxy.inject(Fault("503", every=2, once=True, matches=upload_requests))
+    ckptavg.average_many(
+        paths,
+        [ckptavg.swa()],
+        read=ReadOptions(storage_options=options),
+        output=OutputOptions(output="s3://runs/throttled-out/avg.safetensors"),
+    )
+    assert fs.cat_file("runs/throttled-out/avg.safetensors") == (tmp_path / "local.safetensors").read_bytes()
+    proxy.inject(Fault("reset", every=2, once=True, matches=upload_requests))
+    ckptavg.average_many(
+        paths,
+        [ckptavg.swa()],
+        read=ReadOptions(storage_options=options),
+        output=OutputOptions(output="s3://runs/reset-out/avg.safetensors"),
+    )
+    assert fs.cat_file("runs/reset-out/avg.safetensors") == (tmp_path / "local.safetensors").read_bytes()
+    assert {kind for kind, *_ in proxy.log.faults} == {"503", "reset"}
+    assert not fs.list_multipart_uploads("runs")
+
+
+def test_an_upload_to_a_silent_server_is_one_line_and_aborted(proxied_s3, tmp_path):
+    fs, options, proxy = proxied_s3
+    proxy.inject(Fault("hang", matches=lambda method, path, headers: "partNumber=" in path))
+    url = "s3://runs/silent-out/avg.safetensors"
+    result, elapsed = cli(map(str, local_checkpoints(tmp_path)), {**options, **QUICK["s3"]}, url)
+    line = one_line_error(result)
+    assert line.startswith(f"error: {url}: cannot upload"), line
+    assert elapsed < 60
+    assert proxy.log.faults
+    assert not fs.exists("runs/silent-out/avg.safetensors")
+    assert not fs.list_multipart_uploads("runs")  # the abort was answered
+
+
 def test_an_input_replaced_during_an_upload_leaves_no_object(proxied_s3, tmp_path):
     fs, options, proxy = proxied_s3
     states = perturbed_states(3)
@@ -222,9 +282,9 @@ def test_an_http_object_replaced_by_one_of_the_same_size_is_refused(proxied_http
 def test_a_slow_server_is_read_slowly(request, tmp_path, small_blocks, protocol):
     states = test_remote.big_states(2)
     specs, options, proxy = proxied_inputs(request, protocol, "slow", states)
-    # A few bytes every 10 ms: never silent for the 2 s a read may wait, however long it takes.
+    # A few bytes every 10 ms: never silent for the 3 s a read may wait, however long it takes.
     proxy.inject(Fault("trickle", matches=tensor_ranges, chunk=2048, pause=0.01))
-    averaged = average(specs, {**options, **QUICK[protocol]}, tmp_path / "out.safetensors")
+    averaged = average(specs, {**options, **waits(3)[protocol]}, tmp_path / "out.safetensors")
     assert test_remote.same(averaged, test_remote.local_average(tmp_path, states, ckptavg.swa()))
     assert proxy.log.trickled >= 2 * 200_000  # both inputs' `big`, trickled
 
@@ -294,4 +354,4 @@ def test_waits_are_bounded_unless_the_options_set_their_own():
     assert fs.client_kwargs["timeout"].sock_read == remote.READ_TIMEOUT
     assert fs.client_kwargs["timeout"].total is None  # a slow download may take as long as it does
     fs, _ = remote.filesystem("https://example.com/a.safetensors", QUICK["http"])
-    assert fs.client_kwargs["timeout"].sock_read == 2
+    assert fs.client_kwargs["timeout"].sock_read == 1
