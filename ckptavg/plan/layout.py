@@ -165,6 +165,7 @@ class Layout:
     extra_files: tuple[Path, ...] = ()  # the last input's config and tokenizer files, for a folder
     extra_root: Path | None = None  # where they may really live (see inputs.side_files)
     kept: tuple[str, ...] = ()  # files of a replaced folder output that stay
+    stale: tuple[str, ...] = ()  # objects of a replaced URL folder output that the new one lacks
     warnings: tuple[str, ...] = ()  # side files left out
     remote: Any = None  # a URL output's `remote_layout.RemoteTarget`
 

@@ -138,6 +138,8 @@ def _writes(plan: Plan) -> list[str]:
         lines.append(f"copies:     {names} from {source}")
     if plan.kept:
         lines.append(f"keeps:      {', '.join(plan.kept)} (not written by ckptavg) in {plan.output}")
+    if plan.layout.stale:
+        lines.append(f"removes:    {', '.join(plan.layout.stale)} (of the output it replaces)")
     return lines
 
 

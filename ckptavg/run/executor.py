@@ -138,7 +138,7 @@ def _write(plans: list[Plan], *, device: str, progress: bool) -> list[str]:
 def _transaction(plan: Plan) -> OutputTransaction | RemoteOutput:
     """The output's commit: files renamed into place, or uploads completed (a URL output)."""
     if plan.layout.remote is not None:
-        return RemoteOutput(plan.layout.remote, folder=plan.folder, force=plan.force)
+        return RemoteOutput(plan.layout.remote, folder=plan.folder, force=plan.force, stale=plan.layout.stale)
     return OutputTransaction(plan.output, folder=plan.folder, force=plan.force)
 
 

@@ -3,7 +3,8 @@
 `RemoteOutput` has `OutputTransaction`'s interface for the safetensors layouts. Each file is
 streamed through its fsspec file, opened without autocommit: its parts are uploaded as the bytes
 come (nothing lands on local disk), and the object appears only when `commit` completes the upload;
-a folder's shards first, then its index. Leaving the `with` block without `commit` aborts the
+a folder's shards first, then its side files and index, then the objects of a replaced output
+that the new one lacks are removed. Leaving the `with` block without `commit` aborts the
 unfinished uploads and deletes the objects this commit had completed.
 """
 
@@ -26,10 +27,11 @@ from . import interrupts
 class RemoteOutput:
     """Makes an output file or folder at a URL appear whole, or not at all."""
 
-    def __init__(self, target: RemoteTarget, *, folder: bool, force: bool = False):
+    def __init__(self, target: RemoteTarget, *, folder: bool, force: bool = False, stale: Sequence[str] = ()):
         self.target = Path(target.url)  # as the plan names it
         self.folder = folder
         self.force = force
+        self._stale = stale  # objects of the replaced output the new one lacks: removed once it is in place
         self._remote = target
         self._fs, self._path = filesystem(target.url, target.storage_options)
         self._writers: list[RemoteSafetensorsWriter] = []
@@ -85,6 +87,17 @@ class RemoteOutput:
             raise OutputError(output_message(self._remote.shown, e, "cannot complete the upload")) from e
         self._committed = True
         interrupts.note_commit(self.target)
+        if not self._stale:
+            return
+        try:
+            self._fs.rm([self.key_of(name) for name in self._stale])
+        except Exception as e:  # the new output is in place: say what is left of the old one
+            names = ", ".join(self._stale)
+            raise OutputError(
+                output_message(
+                    self._remote.shown, e, f"written, but the old output's {names} could not be removed"
+                )
+            ) from e
 
     def __exit__(self, *exc) -> None:
         if self._committed:

@@ -183,13 +183,31 @@ def test_existing_output_replaced_only_with_force(s3, tmp_path):
     paths = inputs(tmp_path, big=10)
     with pytest.raises(OutputError, match="already exists; pass `force`"):
         to_s3(paths, options, "s3://runs/kept/avg.safetensors")
-    with pytest.raises(OutputError, match="already holds objects; pass `force`"):
-        to_s3(paths, options, "s3://runs/kept/dir/")
+    for force in (False, True):  # as for a local folder: never into objects ckptavg did not write
+        with pytest.raises(OutputError, match="holds objects that ckptavg did not write; write to a new"):
+            to_s3(paths, options, "s3://runs/kept/dir/", force=force)
     assert fs.cat_file("runs/kept/avg.safetensors") == b"a user's object"
     to_s3(paths, options, "s3://runs/kept/avg.safetensors", force=True)
     assert load(fs.cat_file("runs/kept/avg.safetensors")).keys() == load(paths[0].read_bytes()).keys()
-    to_s3(paths, options, "s3://runs/kept/dir/", force=True)
-    assert fs.cat_file("runs/kept/dir/notes.txt") == b"notes"
+
+
+def test_force_replaces_an_older_folder_output_whole_and_keeps_what_a_user_added(s3, tmp_path):
+    fs, options = s3
+    paths = inputs(tmp_path, big=1000)
+    to_s3(paths, options, "s3://runs/again/", max_shard_size="2KB")
+    old = set(fs.ls("runs/again", detail=False, refresh=True))
+    assert len(old) > 3  # shards and their index
+    fs.pipe_file("runs/again/eval.json", b"{}")
+    with pytest.raises(OutputError, match="already holds a checkpoint; pass `force`"):
+        to_s3(paths, options, "s3://runs/again/")
+    plan = to_s3(paths, options, "s3://runs/again/", force=True)  # one file now, no index
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("runs/again", detail=False, refresh=True))
+    assert names == ["eval.json", "model.safetensors"]
+    assert "removes:    model-00001-of-" in "\n".join(plan.describe())
+    assert load(fs.cat_file("runs/again/model.safetensors")).keys() == load(paths[0].read_bytes()).keys()
+    to_s3(paths, options, "s3://runs/again/", force=True, max_shard_size="2KB")  # and back
+    assert "runs/again/model.safetensors" not in fs.ls("runs/again", detail=False, refresh=True)
+    assert fs.cat_file("runs/again/eval.json") == b"{}"
 
 
 def test_an_input_as_output_refused_even_with_force(s3, tmp_path):
