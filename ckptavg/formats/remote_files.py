@@ -357,11 +357,12 @@ def transient(error: BaseException) -> bool:
 
 
 def unanswered(error: BaseException) -> BaseException | None:
-    """The failure behind a FileNotFoundError that no server answered: fsspec's HTTP file system
-    raises one for any failure to describe a URL (nothing listening, no answer), not only a 404."""
+    """The failure behind a FileNotFoundError that is none: fsspec's HTTP file system raises one for
+    any failure to describe a URL (nothing listening, no answer, a 503), not only for a 404."""
     cause = error.__cause__
-    answered = hasattr(cause, "status") or hasattr(cause, "response")  # aiohttp's, botocore's
-    return cause if isinstance(error, FileNotFoundError) and cause is not None and not answered else None
+    if not isinstance(error, FileNotFoundError) or not type(cause).__module__.startswith("aiohttp"):
+        return None
+    return None if getattr(cause, "status", None) in (404, 410) else cause
 
 
 def storage_message(

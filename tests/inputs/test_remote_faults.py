@@ -164,6 +164,16 @@ def test_nothing_listening_is_one_line_soon(tmp_path, protocol):
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_http_missing_and_unavailable_told_apart(proxied_http, tmp_path):
+    _, proxy = proxied_http
+    url = f"{proxy.url}/none.safetensors"
+    line = one_line_error(cli([url], {}, tmp_path / "out.safetensors")[0])
+    assert line == f"error: {url}: no such object (or bucket)"
+    proxy.inject(Fault("503"))  # fsspec says FileNotFoundError for this too
+    line = one_line_error(cli([url], {}, tmp_path / "out.safetensors")[0])
+    assert line.startswith(f"error: {url}: cannot be read (503"), line
+
+
 @pytest.mark.parametrize("protocol", ["s3", "http"])
 def test_a_server_that_stops_answering_names_the_byte_range(request, tmp_path, small_blocks, protocol):
     specs, options, proxy = proxied_inputs(request, protocol, "silent", test_remote.big_states(2))
