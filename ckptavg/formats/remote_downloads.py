@@ -36,14 +36,7 @@ from .deepspeed import (
 from .dtypes import TensorInfo
 from .files import HeaderOnlyFile
 from .readers import INDEX_SUFFIX, Checkpoint, open_checkpoint
-from .remote_files import (
-    _HEADER_BLOCK,
-    RangeReader,
-    RemoteObject,
-    RemoteSafetensorsFile,
-    _pin,
-    storage_message,
-)
+from .remote_files import PinnedRemoteFile, RangeReader, RemoteObject, storage_message, tried
 from .torch_format import TORCH_SUFFIXES
 
 _PREFIX = "ckptavg-download-"
@@ -90,22 +83,8 @@ class Downloads:
             self._root = None
 
 
-class PinnedObject:
-    """One object read at one version: opened once, every range checked against its pin (on S3,
-    its ETag), as a safetensors object's ranges are."""
-
-    read_range = RemoteSafetensorsFile.read_range
-    check_unchanged = RemoteSafetensorsFile.check_unchanged
-    version = RemoteSafetensorsFile.version
-
-    def __init__(self, remote: RemoteObject):
-        self.remote, self.url = remote, remote.url
-        try:
-            self._file = remote.fs.open(remote.path, "rb", block_size=_HEADER_BLOCK, cache_type="readahead")
-            self.pin = _pin(self._file.details)
-        except Exception as e:
-            raise InputError(storage_message(remote.url, e)) from e
-        self.size = self._file.size
+class PinnedObject(PinnedRemoteFile):
+    """One object to download, read at one version as a safetensors object is."""
 
     def ranges(self, reader: RangeReader, spans) -> list[bytes]:
         """The bytes of each [begin, end), fetched through the run's pool of range requests."""
@@ -237,7 +216,7 @@ def _shards(remote: RemoteObject) -> list[str]:
     """The shard files an index names, each a file beside it (the local reader refuses a damaged
     index once it is downloaded)."""
     try:
-        index = json.loads(remote.fs.cat_file(remote.path))
+        index = json.loads(tried(lambda: remote.fs.cat_file(remote.path), remote.url))
     except ValueError:
         return []
     weight_map = index.get("weight_map") if isinstance(index, dict) else None

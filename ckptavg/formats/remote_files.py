@@ -126,36 +126,21 @@ class RangeReader:
         self.close()
 
 
-class RemoteSafetensorsFile:
-    """A safetensors object read by ranges: the `CheckpointFile` of a URL."""
+class PinnedRemoteFile:
+    """An object opened once and read at the version it had then: every range checked against
+    that pin where the storage can (S3: its ETag), the object described again before the commit."""
 
-    notes: tuple[str, ...] = ("read by byte ranges",)
-    tied: tuple = ()
-    stamp = None  # nothing on this disk: `check_unchanged` asks the storage instead
-    decoded_bytes = 0
+    def __init__(self, remote: RemoteObject):
+        self.remote, self.url = remote, remote.url
+        tried(self._open, remote.url)
+        self.size = self._file.size
 
-    def __init__(self, remote: RemoteObject, reader: RangeReader):
-        self.remote, self.url, self._reader = remote, remote.url, reader
-        self.path = PurePosixPath(remote.path)  # its name in the checkpoint's folder
-        self.read_ahead = reader.read_ahead
-        stored, self.metadata = tried(self._open, remote.url)
-        self.tensors = {name: TensorInfo(t.dtype, t.shape) for name, t in stored.items()}
-        self.offsets = {name: (t.begin, t.end) for name, t in stored.items()}
-        self.scalars = {}
-        for key, value in self.metadata.items():
-            try:
-                self.scalars[key] = float(value)
-            except ValueError:
-                continue
-
-    def _open(self):
-        """Open the object, pin the version it has now, and read its header."""
+    def _open(self) -> None:
         fs, path = self.remote.fs, self.remote.path
         self._file = fs.open(path, "rb", block_size=_HEADER_BLOCK, cache_type="readahead")
         self.pin = _pin(self._file.details)
         if set(self.pin) <= {"size"}:  # fsspec's HTTP files know their size only: ask for the rest
             self.pin = _pin({**fs.info(path), "size": self._file.size})
-        return read_header(self.url, self._file)
 
     @property
     def version(self) -> str:
@@ -164,21 +149,6 @@ class RemoteSafetensorsFile:
             if key in self.pin:
                 return f"{key.lower()} {str(self.pin[key]).strip(chr(34))}"
         return f"size {self.pin.get('size')}"
-
-    def get(self, name: str, info: TensorInfo):
-        begin, end = self.offsets[name]
-        return self.get_bytes(begin, end, info.dtype)[:].view(info.shape)
-
-    def get_flat(self, name: str, info: TensorInfo, within: tuple[int, int] | None = None) -> RemoteBytes:
-        begin, end = self.offsets[name]
-        return self.get_bytes(begin, end, info.dtype, within)
-
-    def get_bytes(
-        self, begin: int, end: int, dtype: str, within: tuple[int, int] | None = None
-    ) -> RemoteBytes:
-        """The object's bytes [begin, end) as a flat tensor of `dtype`, fetched as it is sliced;
-        only the bytes `within` (a rank's part of them) are fetched ahead."""
-        return RemoteBytes(self, self._reader, begin, end, dtypes.torch_dtype(dtype), within)
 
     def read_range(self, begin: int, end: int):
         """Bytes [begin, end) of the pinned version, as a uint8 tensor."""
@@ -208,6 +178,50 @@ class RemoteSafetensorsFile:
         now = tried(described, self.url)
         if {key: now.get(key) for key in self.pin} != self.pin:  # what was pinned, as it is now
             raise InputError(changed_message(self.url))
+
+
+class RemoteSafetensorsFile(PinnedRemoteFile):
+    """A safetensors object read by ranges: the `CheckpointFile` of a URL."""
+
+    notes: tuple[str, ...] = ("read by byte ranges",)
+    tied: tuple = ()
+    stamp = None  # nothing on this disk: `check_unchanged` asks the storage instead
+    decoded_bytes = 0
+
+    def __init__(self, remote: RemoteObject, reader: RangeReader):
+        super().__init__(remote)
+        self._reader = reader
+        self.path = PurePosixPath(remote.path)  # its name in the checkpoint's folder
+        self.read_ahead = reader.read_ahead
+        stored = self._stored
+        self.tensors = {name: TensorInfo(t.dtype, t.shape) for name, t in stored.items()}
+        self.offsets = {name: (t.begin, t.end) for name, t in stored.items()}
+        self.scalars = {}
+        for key, value in self.metadata.items():
+            try:
+                self.scalars[key] = float(value)
+            except ValueError:
+                continue
+
+    def get(self, name: str, info: TensorInfo):
+        begin, end = self.offsets[name]
+        return self.get_bytes(begin, end, info.dtype)[:].view(info.shape)
+
+    def get_flat(self, name: str, info: TensorInfo, within: tuple[int, int] | None = None) -> RemoteBytes:
+        begin, end = self.offsets[name]
+        return self.get_bytes(begin, end, info.dtype, within)
+
+    def get_bytes(
+        self, begin: int, end: int, dtype: str, within: tuple[int, int] | None = None
+    ) -> RemoteBytes:
+        """The object's bytes [begin, end) as a flat tensor of `dtype`, fetched as it is sliced;
+        only the bytes `within` (a rank's part of them) are fetched ahead."""
+        return RemoteBytes(self, self._reader, begin, end, dtypes.torch_dtype(dtype), within)
+
+    def _open(self) -> None:
+        """Open and pin the object, and read its header (tried again together)."""
+        super()._open()
+        self._stored, self.metadata = read_header(self.url, self._file)
 
 
 class RemoteBytes:
@@ -412,11 +426,9 @@ def open_remote_checkpoint(
     name = remote.path.rstrip("/").rsplit("/", 1)[-1]
     if name.endswith(INDEX_SUFFIX) and not name.removesuffix(INDEX_SUFFIX).endswith(TORCH_SUFFIXES):
         try:
-            index = json.loads(remote.fs.cat_file(remote.path))
+            index = json.loads(tried(lambda: remote.fs.cat_file(remote.path), remote.url))
         except ValueError as e:
             raise InputError(f"{remote.url}: not a valid shard index ({e})") from e
-        except Exception as e:
-            raise InputError(storage_message(remote.url, e)) from e
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise InputError(f"{remote.url}: not a valid shard index (no 'weight_map' of names to files)")

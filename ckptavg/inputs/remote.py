@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 from ..errors import InputError
-from ..formats.remote_files import RemoteObject, storage_message
+from ..formats.remote_files import RemoteObject, storage_message, tried
 from .folders import GLOB_CHARS, HUB_PREFIX, Listing, Source, checkpoints_in_folder, natural_key
 
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -120,7 +120,9 @@ def remote_sources(spec: str, storage_options: dict | None, weights_name: str | 
                 found = checkpoints_in_folder("", _listing(fs, match), url, weights_name)
                 sources += [_source(fs, f"{match}/{rel}" if rel else match, url, rel) for rel in found]
             else:
-                fs.info(match)  # no such object, permission: said now, before anything is read
+                tried(
+                    lambda m=match: fs.info(m), url
+                )  # no such object, permission: said now, before any read
                 sources.append(_source(fs, match, url, ""))
         return sources
     except InputError:

@@ -171,7 +171,16 @@ def test_http_missing_and_unavailable_told_apart(proxied_http, tmp_path):
     assert line == f"error: {url}: no such object (or bucket)"
     proxy.inject(Fault("503"))  # fsspec says FileNotFoundError for this too
     line = one_line_error(cli([url], {}, tmp_path / "out.safetensors")[0])
-    assert line.startswith(f"error: {url}: cannot be read (503"), line
+    assert line.startswith(f"error: {url}: cannot be read after 3 tries (503"), line
+
+
+def test_http_503_when_a_url_is_first_described_is_tried_again(proxied_http, tmp_path):
+    served, proxy = proxied_http
+    (served / "one.safetensors").write_bytes(save(perturbed_states(1)[0]))
+    proxy.inject(Fault("503", once=True, matches=lambda method, path, headers: method == "HEAD"))
+    result, _ = cli([f"{proxy.url}/one.safetensors"], {}, tmp_path / "out.safetensors")
+    assert result.exit_code == 0, result.output
+    assert proxy.log.faults and (tmp_path / "out.safetensors").exists()
 
 
 @pytest.mark.parametrize("protocol", ["s3", "http"])
