@@ -163,9 +163,9 @@ class TestPowerEma:
             reads.append((self.path, name))
             return real_get(self, name)
 
-        def get_run(self, names):
+        def get_run(self, names, *part):
             reads.extend((self.path, name) for name in names)
-            return real_get_run(self, names)
+            return real_get_run(self, names, *part)
 
         monkeypatch.setattr(Checkpoint, "get", get)
         monkeypatch.setattr(Checkpoint, "get_run", get_run)
