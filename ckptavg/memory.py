@@ -15,8 +15,6 @@ STAGING_BYTES = 4 * 2**20
 STAGING_BUFFERS = 4
 # Bytes per range request of a remote input; each input being read may hold one beyond the read-ahead.
 REMOTE_BLOCK_BYTES = 4 * 2**20
-# Smaller requests, down to this, when each input's share of the read-ahead is under two blocks.
-MIN_REMOTE_BLOCK_BYTES = 256 * 2**10
 # Bytes fetched ahead of the sums from remote inputs, and range requests at a time, unless told.
 READ_AHEAD_BYTES = 64 * 2**20
 REMOTE_REQUESTS = 8

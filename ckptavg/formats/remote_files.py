@@ -23,7 +23,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from ..errors import InputError
-from ..memory import MIN_REMOTE_BLOCK_BYTES, REMOTE_BLOCK_BYTES
+from ..memory import REMOTE_BLOCK_BYTES
 from . import dtypes
 from .dtypes import TensorInfo
 from .safetensors_header import read_header
@@ -86,14 +86,6 @@ class RangeReader:
                 future.set_result(source.read_range(begin, end))
             except BaseException as e:  # the waiting reader raises it
                 future.set_exception(e)
-
-    def block_bytes(self) -> int:
-        """The size of the next range request: `REMOTE_BLOCK_BYTES`, or less when the streams'
-        shares of the read-ahead are smaller than two of them, so that each stream still holds a
-        block ahead of the one being read (many inputs, a small read-ahead)."""
-        with self._lock:
-            share = self.read_ahead // max(1, self._streams)
-        return min(REMOTE_BLOCK_BYTES, max(MIN_REMOTE_BLOCK_BYTES, share // 2))
 
     def reserve(self, nbytes: int, ahead: int) -> bool:
         """Whether a stream already `ahead` bytes ahead may fetch `nbytes` more (its fair share of
@@ -303,7 +295,7 @@ class RemoteBytes:
         while self._open and self._next < self._last:
             if not ahead and self._blocks and self._next >= needed:
                 return
-            block_end = min(self._next + self._reader.block_bytes(), self._last)
+            block_end = min(self._next + REMOTE_BLOCK_BYTES, self._last)
             size = block_end - self._next
             reserved = self._reader.reserve(size, self._ahead)
             if not reserved and self._blocks and self._next >= needed:

@@ -1,7 +1,6 @@
 """RemoteBytes' read-ahead over a stand-in object (no server): the streams of a tensor's inputs,
 opened one after the other and read in step, each keep fetching ahead through the pool."""
 
-import itertools
 import threading
 
 import torch
@@ -13,14 +12,13 @@ BLOCK = 2**12
 
 
 class Source:
-    """An object's bytes, recording the ranges read and the threads they are read on."""
+    """An object's bytes, recording the threads its ranges are read on."""
 
     def __init__(self, data: bytes):
-        self.data, self.threads, self.ranges = data, [], []
+        self.data, self.threads = data, []
 
     def read_range(self, begin: int, end: int):
         self.threads.append(threading.current_thread().name)
-        self.ranges.append((begin, end))
         return torch.frombuffer(bytearray(self.data[begin:end]), dtype=torch.uint8)
 
 
@@ -30,10 +28,7 @@ def read_in_step(read_ahead: int, count: int = 4, blocks: int = 16):
         streams = [RemoteBytes(s, reader, 0, len(s.data), torch.uint8) for s in sources]
         for start in range(0, blocks * BLOCK, BLOCK // 2):
             for source, stream in zip(sources, streams, strict=True):
-                assert (
-                    bytes(stream[start : start + BLOCK // 2].tolist())
-                    == source.data[start : start + BLOCK // 2]
-                )
+                assert bytes(stream[start : start + BLOCK // 2].tolist()) == source.data[start : start + BLOCK // 2]
     return sources
 
 
@@ -53,21 +48,3 @@ def test_read_ahead_shared_by_streams_opened_in_turn(monkeypatch):
         for stream in streams:
             stream[0:1]
         assert [stream._ahead for stream in streams] == [2 * BLOCK] * 4  # a fair share each
-
-
-def test_a_small_share_of_the_read_ahead_still_reads_ahead():
-    """Many inputs or a small read-ahead: each stream's share is under two 4 MiB blocks, so the
-    requests get smaller and each stream still holds the block after the one being read."""
-    size, window = 16 * 2**20, 2**20
-    sources = [Source(bytes(size)) for _ in range(4)]
-    with RangeReader(8 * 2**20, requests=4) as reader:  # shares of 2 MiB: blocks of 1 MiB
-        streams = [RemoteBytes(s, reader, 0, size, torch.uint8) for s in sources]
-        for start in range(0, size, window):
-            for stream in streams:
-                stream[start : start + window]
-                if 4 * window <= start < size - window:  # once the first blocks, fetched before the shares shrank, are read
-                    assert stream._blocks and stream._blocks[-1][1] > start + window  # one ahead
-    for source in sources:  # every byte fetched once, on the pool's threads
-        ranges = sorted(source.ranges)
-        assert ranges[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
-        assert ranges[-1][1] == size and all(name.startswith("ckptavg-range") for name in source.threads)
