@@ -94,7 +94,11 @@ def _steps(plan: Plan) -> str:
 
 
 def _implied_sigma_rel(plan: Plan) -> str:
+    """The spread of the weights over the inputs' steps; not for post-hoc EMA, whose inputs are
+    EMA snapshots, each already spread over training (its plan states the sigma_rel it solves for)."""
     if not plan.steps or any(s is None for s in plan.steps) or max(plan.steps) <= 0:
+        return ""
+    if plan.schedule.method == "phema":
         return ""
     return f"; implied sigma_rel {implied_sigma_rel(plan.weights, plan.steps):.3f}"
 

@@ -192,6 +192,8 @@ def test_profiles_from_metadata_and_from_names(tmp_path):
     ]
     assert from_metadata.weights == pytest.approx(from_names.weights)
     assert from_metadata.steps == [100, 100, 200, 200]
+    effective = next(line for line in from_metadata.describe() if line.startswith("effective:"))
+    assert "implied sigma_rel" not in effective  # the snapshots' spread is not the average's
     done = cli("phema", "--sigma-rel", 0.07, tmp_path / "*", "--snapshot-sigma-rel", "0.05,0.2", "--dry-run")
     assert done.exit_code == 1 and "--snapshot-sigma-rel" in done.output and "nowhere" in done.output
 
