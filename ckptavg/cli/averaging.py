@@ -311,11 +311,8 @@ def _report_written(plans, dry_run: bool, quiet: bool, shown: int) -> None:
     for warning in [w for plan in plans for w in plan.warnings][shown:]:
         say(f"warning: {warning}", err=True)
     if not quiet:
-        from ..units import format_bytes
-
         for plan in plans:
-            size = f"{format_bytes(plan.output_nbytes)}, {len(plan.tensors)} tensors"
-            say(f"wrote {plan.output}{'/' if plan.folder else ''} ({size})")
+            say(_written(plan))
 
 
 def _average(schedules, values: dict) -> None:
@@ -365,8 +362,17 @@ def _average(schedules, values: dict) -> None:
     if not quiet:
         if bn is not None:
             report_pass(plans[0])
-        from ..units import format_bytes
-
         for plan in plans:
-            size = f"{format_bytes(plan.output_nbytes)}, {len(plan.tensors)} tensors"
-            say(f"wrote {plan.output}{'/' if plan.folder else ''} ({size})")
+            say(_written(plan))
+
+
+def _written(plan) -> str:
+    """`wrote PATH (SIZE, N tensors)`: a local file's size on disk (a torch file like the last input
+    holds more than the averages), else the bytes of the tensors written."""
+    from ..units import format_bytes
+
+    local_file = not plan.folder and plan.layout.remote is None and plan.output.is_file()
+    size = plan.output.stat().st_size if local_file else plan.output_nbytes
+    return (
+        f"wrote {plan.output}{'/' if plan.folder else ''} ({format_bytes(size)}, {len(plan.tensors)} tensors)"
+    )

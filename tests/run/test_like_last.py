@@ -18,6 +18,7 @@ from torch import nn
 import ckptavg
 from ckptavg.cli import main
 from ckptavg.errors import OutputError
+from ckptavg.units import format_bytes
 
 
 def run_cli(*args):
@@ -88,6 +89,7 @@ class TestLightning:
         output = folder / "avg.ckpt"
         result = run_cli("swa", *paths, "-o", output)
         assert result.exit_code == 0, result.output
+        assert f"wrote {output} ({format_bytes(output.stat().st_size)}, " in result.output  # the file, whole
         states = [torch.load(p, weights_only=False)["state_dict"] for p in paths]
         loaded = module_class.load_from_checkpoint(output)
         assert loaded.hparams.hidden == 8
