@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save, save_file
+from safetensors.torch import load_file, save, save_file
 
 from ckptavg.errors import RankError
 from ckptavg.run import distributed
@@ -419,3 +419,35 @@ def _ranges_union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             merged.append((begin, end))
     return merged
+
+
+def test_remote_torch_files_downloaded_by_each_rank(tmp_path):
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    import io
+
+    from s3_server import s3_server
+
+    with s3_server() as (fs, options):
+        for i, path in enumerate(_series(tmp_path / "local")):
+            state = load_file(path)
+            buffer = io.BytesIO()
+            torch.save({"state_dict": state, "epoch": i}, buffer)
+            fs.pipe(f"runs/torch/epoch_{i}.pt", buffer.getvalue())
+        args = [
+            "swa",
+            "s3://runs/torch/*.pt",
+            "--storage-options",
+            json.dumps(options),
+            "-o",
+            "out.safetensors",
+        ]
+        one, two = tmp_path / "one", tmp_path / "two"
+        one.mkdir(), two.mkdir()
+        done = _single(args, one)
+        assert done.returncode == 0, done.stderr
+        (tmp_path / "tmp").mkdir()
+        done = _torchrun(args, two, TMPDIR=str(tmp_path / "tmp"))
+        assert done.returncode == 0, done.stderr
+    assert (two / "out.safetensors").read_bytes() == (one / "out.safetensors").read_bytes()
+    assert list((tmp_path / "tmp").glob("ckptavg-*")) == []  # each rank's download folder removed
