@@ -45,7 +45,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench_average import rss_anon_kb, warm, write_time
+from bench_average import sampled_run, warm, write_time
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "remote"
@@ -258,27 +258,9 @@ def measure(command: list[str], server: int | None = None) -> tuple[float, float
     """Wall seconds, peak anonymous MB, stdout, CPU seconds of one run of `command` (its own and
     its children's) and CPU seconds of the `server` process meanwhile."""
     cpu, server_cpu = cpu_seconds(), cpu_seconds(server) if server else 0.0
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
-    peak = 0
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, rss_anon_kb(process.pid))
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    stdout, stderr = process.communicate()
-    wall = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    if process.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{stderr.decode()}")
+    wall, peak, stdout = sampled_run(command, env=ENV)
     server_cpu = cpu_seconds(server) - server_cpu if server else 0.0
-    return wall, peak / 1000, stdout.decode(), cpu_seconds() - cpu, server_cpu
+    return wall, peak, stdout.decode(), cpu_seconds() - cpu, server_cpu
 
 
 def tensors_of(path: Path) -> tuple[dict, bytes]:
