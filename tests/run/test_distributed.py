@@ -357,6 +357,13 @@ def test_a_single_process_never_joins_a_group(monkeypatch):
     assert issubclass(RankError, Exception)
 
 
+def _folders(tmp_path: Path) -> tuple[Path, Path]:
+    """Where the single process and the two ranks run."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    return one, two
+
+
 def _ranges(log: Path) -> dict[str, list[tuple[int, int]]]:
     """The byte ranges of each object a process fetched, merged where they touch or overlap."""
     found: dict[str, list[tuple[int, int]]] = {}
@@ -387,8 +394,7 @@ def test_each_rank_fetches_only_its_share_of_remote_inputs(tmp_path):
             "-o",
             "out.safetensors",
         ]
-        one, two = tmp_path / "one", tmp_path / "two"
-        one.mkdir(), two.mkdir()
+        one, two = _folders(tmp_path)
         log = tmp_path / "ranges"
         done = subprocess.run(
             [sys.executable, str(WORKER), *args],
@@ -442,8 +448,7 @@ def test_remote_torch_files_downloaded_by_each_rank(tmp_path):
             "-o",
             "out.safetensors",
         ]
-        one, two = tmp_path / "one", tmp_path / "two"
-        one.mkdir(), two.mkdir()
+        one, two = _folders(tmp_path)
         done = _single(args, one)
         assert done.returncode == 0, done.stderr
         (tmp_path / "tmp").mkdir()
