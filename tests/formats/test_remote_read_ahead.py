@@ -28,7 +28,8 @@ def read_in_step(read_ahead: int, count: int = 4, blocks: int = 16):
         streams = [RemoteBytes(s, reader, 0, len(s.data), torch.uint8) for s in sources]
         for start in range(0, blocks * BLOCK, BLOCK // 2):
             for source, stream in zip(sources, streams, strict=True):
-                assert bytes(stream[start : start + BLOCK // 2].tolist()) == source.data[start : start + BLOCK // 2]
+                window = slice(start, start + BLOCK // 2)
+                assert bytes(stream[window].tolist()) == source.data[window]
     return sources
 
 
