@@ -187,6 +187,13 @@ def bn_pass(values: dict, device: str, *, data_flag: str):
     return BatchNormPass(data=data, device=device, **pass_values)
 
 
+def _exit(code: int) -> None:
+    """Exit after an error that was said, or, on a silent rank, once rank 0 could say it."""
+    if distributed.speaks():
+        sys.exit(code)
+    distributed.exit_silently(code)
+
+
 def reports_errors(command):
     """One line on stderr and a non-zero exit instead of a traceback (unless --debug)."""
 
@@ -201,13 +208,13 @@ def reports_errors(command):
             raise  # usage errors: click prints them with the command's usage line
         except OptionsError as e:
             if not distributed.speaks():  # under torchrun, rank 0 says it
-                sys.exit(click.UsageError.exit_code)
+                distributed.exit_silently(click.UsageError.exit_code)
             raise click.UsageError(in_flags(str(e))) from e
         except CkptavgError as e:
             if debug:
                 raise
             say(f"error: {e}", err=True)
-            sys.exit(EXIT_ERROR)
+            _exit(EXIT_ERROR)
         except KeyboardInterrupt as e:
             if debug:
                 raise
@@ -219,7 +226,7 @@ def reports_errors(command):
             if debug:
                 raise
             say(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
-            sys.exit(EXIT_ERROR)
+            _exit(EXIT_ERROR)
 
     return click.option(
         "--debug", is_flag=True, cls=GroupedOption, help="Show the full traceback on errors."

@@ -58,6 +58,18 @@ def speaks() -> bool:
     return os.environ.get("RANK", "0") in ("", "0") or not launched()
 
 
+# How long a silent rank waits before it exits on an error every rank meets (a usage error, an
+# input no rank can read): torchrun stops the other ranks once one exits, and rank 0 must have
+# printed the error by then.
+SILENT_EXIT_DELAY_S = 3.0
+
+
+def exit_silently(code: int) -> None:
+    """Exit with `code`, after rank 0 has had the time to say why (see `SILENT_EXIT_DELAY_S`)."""
+    time.sleep(SILENT_EXIT_DELAY_S)
+    sys.exit(code)
+
+
 def current() -> Group | None:
     """The group of the run under way, if it runs on several processes."""
     return _current[0] if _current else None
