@@ -36,6 +36,21 @@ CKPTAVG = [PYTHON, "-m", "ckptavg"]
 MEMORY_BOUND_MB = 256  # peak anonymous memory allowed over ckptavg's own start-up
 
 
+def llama_layer_shapes(layers: int, hidden: int, inter: int) -> dict[str, tuple[int, ...]]:
+    """The tensors of a Llama-like model's layers: attention and MLP matrices, their norms."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[p + f"self_attn.{name}.weight"] = (hidden, hidden)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    return shapes
+
+
 def llm_state(seed: int):
     import torch
 
@@ -46,15 +61,7 @@ def llm_state(seed: int):
         "lm_head.weight": (vocab, hidden),
         "model.norm.weight": (hidden,),
     }
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            shapes[p + f"self_attn.{name}.weight"] = (hidden, hidden)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
-        shapes[p + "input_layernorm.weight"] = (hidden,)
-        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    shapes.update(llama_layer_shapes(layers, hidden, inter))
     return {n: torch.randn(s, generator=generator, dtype=torch.bfloat16) for n, s in shapes.items()}
 
 

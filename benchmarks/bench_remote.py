@@ -45,7 +45,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench_average import sampled_run, warm, write_time
+from bench_average import llama_layer_shapes, sampled_run, warm, write_time
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "remote"
@@ -76,15 +76,7 @@ def llm_state(megabytes: float, seed: int):
     layer = 4 * hidden * hidden + 3 * inter * hidden + 2 * hidden
     layers = max(1, round((budget - 2 * vocab * hidden - hidden) / layer))
     shapes = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            shapes[p + f"self_attn.{name}.weight"] = (hidden, hidden)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
-        shapes[p + "input_layernorm.weight"] = (hidden,)
-        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    shapes.update(llama_layer_shapes(layers, hidden, inter))
     shapes["model.norm.weight"] = (hidden,)
     shapes["lm_head.weight"] = (vocab, hidden)
     generator = torch.Generator().manual_seed(seed)

@@ -216,22 +216,18 @@ def test_an_upload_through_throttling_and_resets(proxied_s3, tmp_path):
     fs, options, proxy = proxied_s3
     paths = local_checkpoints(tmp_path)
     ckptavg.average(paths, ckptavg.swa(), tmp_path / "local.safetensors")
-    proxy.inject(Fault("503", every=2, once=True, matches=upload_requests))
-    ckptavg.average_many(
-        paths,
-        [ckptavg.swa()],
-        read=ReadOptions(storage_options=options),
-        output=OutputOptions(output="s3://runs/throttled-out/avg.safetensors"),
-    )
-    assert fs.cat_file("runs/throttled-out/avg.safetensors") == (tmp_path / "local.safetensors").read_bytes()
-    proxy.inject(Fault("reset", every=2, once=True, matches=upload_requests))
-    ckptavg.average_many(
-        paths,
-        [ckptavg.swa()],
-        read=ReadOptions(storage_options=options),
-        output=OutputOptions(output="s3://runs/reset-out/avg.safetensors"),
-    )
-    assert fs.cat_file("runs/reset-out/avg.safetensors") == (tmp_path / "local.safetensors").read_bytes()
+    for kind, key in (
+        ("503", "runs/throttled-out/avg.safetensors"),
+        ("reset", "runs/reset-out/avg.safetensors"),
+    ):
+        proxy.inject(Fault(kind, every=2, once=True, matches=upload_requests))
+        ckptavg.average_many(
+            paths,
+            [ckptavg.swa()],
+            read=ReadOptions(storage_options=options),
+            output=OutputOptions(output=f"s3://{key}"),
+        )
+        assert fs.cat_file(key) == (tmp_path / "local.safetensors").read_bytes()
     assert {kind for kind, *_ in proxy.log.faults} == {"503", "reset"}
     assert not fs.list_multipart_uploads("runs")
 
