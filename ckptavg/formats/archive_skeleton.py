@@ -10,12 +10,11 @@ when the file is opened.
 
 from __future__ import annotations
 
-import struct
 import zipfile
 from collections.abc import Callable, Sequence
 
-ZIP_MAGIC = b"PK\x03\x04"
-_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # its last two fields: the name's and extra's lengths
+from .zip_records import LOCAL_HEADER, ZIP_MAGIC
+
 # Bytes taken after a local header's name for its extra field (torch pads data to 64 bytes there);
 # a longer extra field is fetched in a second round.
 _EXTRA_ROOM = 128
@@ -46,7 +45,7 @@ def archive_skeleton(file, size: int, fetch: Fetch) -> list[tuple[int, bytes]] |
     wanted = [(directory, size)]
     headers = []  # (entry, where its name ends, where its wanted bytes end)
     for entry, limit in zip(entries, limits, strict=True):
-        name_end = entry.header_offset + _LOCAL_HEADER.size + len(_encoded_name(entry))
+        name_end = entry.header_offset + LOCAL_HEADER.size + len(_encoded_name(entry))
         end = name_end + _EXTRA_ROOM + (0 if _is_large_storage(entry) else entry.compress_size)
         end = max(entry.header_offset, min(end, limit))
         wanted.append((entry.header_offset, end))
@@ -74,8 +73,8 @@ def _fetched(ranges: Sequence[tuple[int, int]], fetch: Fetch) -> list[tuple[int,
 def _field(pieces: Sequence[tuple[int, bytes]], header: int) -> int | None:
     """The length of the extra field of the local header at `header`, from the fetched pieces."""
     for begin, data in pieces:
-        if begin <= header and header + _LOCAL_HEADER.size <= begin + len(data):
-            return _LOCAL_HEADER.unpack_from(data, header - begin)[-1]
+        if begin <= header and header + LOCAL_HEADER.size <= begin + len(data):
+            return LOCAL_HEADER.unpack_from(data, header - begin)[-1]
     return None
 
 

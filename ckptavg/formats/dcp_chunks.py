@@ -11,7 +11,6 @@ import json
 import math
 import mmap
 import os
-import struct
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,9 +22,8 @@ from .dcp_metadata import Chunk, Stored, TensorEntry
 from .files import changed_message, stamp_of
 from .safetensors_header import read_header
 from .torch_archive import PICKLE_RECORD, _skeleton
+from .zip_records import LOCAL_HEADER, ZIP_MAGIC
 
-_ZIP_MAGIC = b"PK\x03\x04"
-_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
 _SHARDING_KEY = "DCP_SHARDING_INFO"  # DCP's safetensors metadata: each tensor's chunk offsets
 
 
@@ -154,7 +152,7 @@ class DistcpFile:
             self.serialization = "torch_save"  # DCP applies transforms to torch_save chunks alone
             return EncodedChunk(self, fqn, stored, chunk, dtype, held, math.prod(entry.size))
         self._handle.seek(stored.offset)
-        if self._handle.read(4) == _ZIP_MAGIC:
+        if self._handle.read(4) == ZIP_MAGIC:
             self.serialization = "torch_save"
             start, numel = _archive_values(self._handle, stored.offset, stored.length, where, chunk, dtype)
         else:
@@ -313,11 +311,11 @@ def _archive_values(handle, offset: int, length: int, where: str, chunk: Chunk, 
 def _data_start(handle, offset: int, length: int, where: str, entry: zipfile.ZipInfo) -> int:
     """Where a record's bytes start, from its local header, checked to lie in the chunk's range."""
     handle.seek(offset + entry.header_offset)
-    header = handle.read(_LOCAL_HEADER.size)
-    if len(header) != _LOCAL_HEADER.size or header[:4] != _ZIP_MAGIC:
+    header = handle.read(LOCAL_HEADER.size)
+    if len(header) != LOCAL_HEADER.size or header[:4] != ZIP_MAGIC:
         raise InputError(f"{where}: its archive's record {entry.filename} has no local header; damaged")
-    *_, name_length, extra_length = _LOCAL_HEADER.unpack(header)
-    start = entry.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+    *_, name_length, extra_length = LOCAL_HEADER.unpack(header)
+    start = entry.header_offset + LOCAL_HEADER.size + name_length + extra_length
     if start + entry.file_size > length:
         raise InputError(f"{where}: its archive's record {entry.filename} runs past the chunk; damaged")
     return start

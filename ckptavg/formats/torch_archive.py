@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from .zip_records import ZIP_MAGIC
 
 PICKLE_RECORD = "data.pkl"
 _BYTE_ORDER_RECORD = "byteorder"
@@ -120,7 +121,7 @@ class TorchArchive:
 def is_zip_archive(path: Path) -> bool:
     """Whether torch reads the file as a zip archive (as `torch.serialization._is_zipfile` decides)."""
     with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
+        return f.read(len(ZIP_MAGIC)) == ZIP_MAGIC
 
 
 def _archive_records(path: Path) -> tuple[dict[str, _Record], object]:

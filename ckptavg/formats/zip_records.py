@@ -15,7 +15,10 @@ from pathlib import Path
 
 from ..errors import InputError
 
-_LOCAL_HEADER = b"PK\x03\x04"
+ZIP_MAGIC = b"PK\x03\x04"  # a local file header's signature: the first bytes of a zip archive
+# A local file header: signature, versions, flags, method, time, date, CRC-32, sizes, then the
+# lengths of the name and of the extra field that follow it.
+LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
 _CENTRAL_ENTRY = b"PK\x01\x02"
 _DESCRIPTOR = b"PK\x07\x08"
 _DEFERRED = 0x08  # general purpose flag bit 3: the CRC and sizes follow the data
@@ -49,7 +52,7 @@ def crc_fields(path: Path) -> dict[str, CrcFields]:
             offsets = [position + 16]
             position += 46 + name_length + extra_length + comment_length
             local = os.pread(fd, 30, entry.header_offset)
-            if len(local) < 30 or local[:4] != _LOCAL_HEADER:
+            if len(local) < LOCAL_HEADER.size or local[:4] != ZIP_MAGIC:
                 raise InputError(
                     f"{path}: record '{entry.filename}' has no local header; the file is damaged"
                 )

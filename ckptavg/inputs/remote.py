@@ -21,7 +21,7 @@ _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _CREDENTIALS = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
 # Which extra of ckptavg brings each protocol's library.
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "adl": "azure"}
-_NO_LISTING = ("http", "https")  # an HTTP server lists nothing: one object per URL
+NO_LISTING = ("http", "https")  # an HTTP server lists nothing: one object per URL
 # Waits for a server that stopped answering, unless `storage_options` set their own: seconds to
 # connect and between bytes of an answer. S3: botocore's tries of each request; s3fs's own retry
 # loops, nested (they multiplied botocore's tries 25-fold), are left to botocore and to the range
@@ -83,7 +83,7 @@ def _with_timeouts(protocol: str, options: dict) -> dict:
         config = {"connect_timeout": CONNECT_TIMEOUT, "read_timeout": READ_TIMEOUT}
         config["retries"] = dict(S3_RETRIES)
         return {**options, "config_kwargs": {**config, **_options_of(options, "config_kwargs")}}
-    if protocol in _NO_LISTING:
+    if protocol in NO_LISTING:
         import aiohttp
 
         client = _options_of(options, "client_kwargs")
@@ -105,7 +105,7 @@ def remote_sources(spec: str, storage_options: dict | None, weights_name: str | 
     label = shown(spec)
     protocol = _URL.match(spec).group(1).lower()
     try:
-        if protocol in _NO_LISTING:
+        if protocol in NO_LISTING:
             matches = [path]
         elif GLOB_CHARS.search(path):
             matches = sorted(fs.glob(path.rstrip("/")), key=natural_key)
@@ -116,7 +116,7 @@ def remote_sources(spec: str, storage_options: dict | None, weights_name: str | 
         sources = []
         for match in matches:
             url = label if match == path else shown(fs.unstrip_protocol(match))
-            if protocol not in _NO_LISTING and fs.isdir(match):
+            if protocol not in NO_LISTING and fs.isdir(match):
                 found = checkpoints_in_folder("", _listing(fs, match), url, weights_name)
                 sources += [_source(fs, f"{match}/{rel}" if rel else match, url, rel) for rel in found]
             else:

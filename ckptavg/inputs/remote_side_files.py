@@ -14,9 +14,8 @@ from pathlib import Path
 from ..errors import InputError
 from ..formats.remote_files import RemoteObject, storage_message
 from .folders import HF_CONFIG_NAME, is_model_side_file
+from .remote import NO_LISTING
 from .side_files import MAX_SIDE_FILE_BYTES
-
-_NO_LISTING = ("http", "https")  # an HTTP server lists nothing beside a file
 
 
 class RemoteSideFiles:
@@ -47,7 +46,7 @@ class RemoteSideFiles:
 
     def _fetch(self) -> None:
         fs, path = self._remote.fs, self._remote.path
-        if "/" not in path.rstrip("/") or set(_protocols(fs)) & set(_NO_LISTING):
+        if "/" not in path.rstrip("/") or set(_protocols(fs)) & set(NO_LISTING):
             return
         folder = path.rstrip("/").rsplit("/", 1)[0]
         where = self._remote.url.rstrip("/").rsplit("/", 1)[0]

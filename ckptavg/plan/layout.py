@@ -69,14 +69,22 @@ def _files_written_by_ckptavg(folder: Path) -> set[str]:
     if found is not None:
         ours.add(found.name)
     ours.update(p.name for p in folder.iterdir() if _SHARD_PATTERN.match(p.name))
-    metadata = _output_metadata(folder) or {}
     with contextlib.suppress(ValueError, TypeError):
-        ours.update(name for name in json.loads(metadata.get(COPIED_KEY, "[]")) if isinstance(name, str))
+        ours.update(copied_files(_output_metadata(folder) or {}))
     if found is not None and found.name.endswith(_INDEX_SUFFIX):
         with contextlib.suppress(OSError, ValueError, AttributeError):
             index = json.loads(found.read_text(encoding="utf-8"))
             ours.update(v for v in index.get("weight_map", {}).values() if isinstance(v, str))
     return ours
+
+
+def copied_files(metadata: dict) -> set[str]:
+    """The side files an output's metadata records as copied beside its weights.
+
+    Raises:
+        ValueError: the record is not JSON.
+    """
+    return {name for name in json.loads(metadata.get(COPIED_KEY, "[]")) if isinstance(name, str)}
 
 
 def _written_weights(folder: Path) -> Path | None:

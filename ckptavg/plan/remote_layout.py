@@ -17,11 +17,11 @@ from ..inputs.remote import filesystem, shown
 from ..inputs.side_files import allowed_root, find_side_files
 from ..units import parse_size
 from .layout import (
-    COPIED_KEY,
     DEFAULT_FOLDER_SHARD_SIZE,
     VERSION_KEY,
     Layout,
     _shards,
+    copied_files,
     index_name,
     weights_name,
 )
@@ -169,5 +169,4 @@ def _written_by_ckptavg(fs, folder: str, names: set[str]) -> set[str] | None:
         ours = {weights}
     if not isinstance(metadata, dict) or VERSION_KEY not in metadata:
         return None
-    copied = json.loads(metadata.get(COPIED_KEY, "[]"))
-    return ours | {name for name in copied if isinstance(name, str)}
+    return ours | copied_files(metadata)
