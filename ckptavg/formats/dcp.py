@@ -121,16 +121,7 @@ class DcpCheckpoint:
         return Pieces([span for _, span in self._chunks[name]], dtypes.torch_dtype(info.dtype))
 
     def _add(self, name: str, fqn: str, entry: TensorEntry, meta: DcpMetadata) -> None:
-        try:
-            dtype = dtypes.safetensors_name(entry.dtype)
-        except KeyError:
-            raise InputError(
-                f"{self.path.parent}: tensor '{fqn}' has dtype {entry.dtype}, which ckptavg cannot average"
-            ) from None
-        if not dtypes.addressable(dtype, entry.size):
-            raise InputError(
-                f"{self.path}: tensor '{fqn}' has shape {list(entry.size)}; the metadata is damaged"
-            )
+        info = entry_info(entry, fqn, str(self.path.parent))
         chunks = []
         for chunk in entry.chunks:
             start = _flat_start(self.path, fqn, entry, chunk)
@@ -156,7 +147,7 @@ class DcpCheckpoint:
                 f"{self.path}: the chunks of tensor '{fqn}' hold {end} of its "
                 f"{math.prod(entry.size)} values; the metadata is damaged"
             )
-        self.tensors[name] = TensorInfo(dtype, entry.size)
+        self.tensors[name] = info
         self._chunks[name] = chunks
 
     def _file(self, fqn: str, stored: Stored) -> DistcpFile:
@@ -168,6 +159,26 @@ class DcpCheckpoint:
                 )
             self._files[stored.file] = DistcpFile(self.path.parent / stored.file, fqn)
         return self._files[stored.file]
+
+
+def entry_info(entry: TensorEntry, fqn: str, folder: str) -> TensorInfo:
+    """A tensor's dtype and shape as the folder's `.metadata` records them, once they are seen to be
+    a dtype ckptavg averages and a shape that can be addressed.
+
+    Raises:
+        InputError: naming the folder and the tensor.
+    """
+    try:
+        dtype = dtypes.safetensors_name(entry.dtype)
+    except KeyError:
+        raise InputError(
+            f"{folder}: tensor '{fqn}' has dtype {entry.dtype}, which ckptavg cannot average"
+        ) from None
+    if not dtypes.addressable(dtype, entry.size):
+        raise InputError(
+            f"{folder}/{METADATA_NAME}: tensor '{fqn}' has shape {list(entry.size)}; the metadata is damaged"
+        )
+    return TensorInfo(dtype, entry.size)
 
 
 def _flat_start(path: Path, fqn: str, entry: TensorEntry, chunk: Chunk) -> int:

@@ -22,9 +22,8 @@ from .. import disk
 from ..errors import InputError
 from ..memory import REMOTE_BLOCK_BYTES
 from ..units import format_bytes
-from . import dtypes
 from .archive_skeleton import archive_skeleton
-from .dcp import DISTCP_SUFFIX, METADATA_NAME, is_dcp_folder, left_out, pick_model_tensors
+from .dcp import DISTCP_SUFFIX, METADATA_NAME, entry_info, is_dcp_folder, left_out, pick_model_tensors
 from .dcp_metadata import read_metadata
 from .deepspeed import (
     MODEL_STATES,
@@ -33,10 +32,9 @@ from .deepspeed import (
     is_deepspeed_folder,
     refuse_parallelism,
 )
-from .dtypes import TensorInfo
 from .files import HeaderOnlyFile
 from .readers import INDEX_SUFFIX, Checkpoint, open_checkpoint
-from .remote_files import PinnedRemoteFile, RangeReader, RemoteObject, storage_message, tried
+from .remote_files import PinnedRemoteFile, RangeReader, RemoteObject, listed_files, storage_message, tried
 from .torch_format import TORCH_SUFFIXES
 
 _PREFIX = "ckptavg-download-"
@@ -194,7 +192,7 @@ def _wanted(remote: RemoteObject, name: str, master_weights: bool) -> tuple[bool
         if name.endswith(INDEX_SUFFIX):
             return False, [name, *_shards(remote)]
         is_file = name.endswith(TORCH_SUFFIXES) or not fs.isdir(remote.path)
-        names = {} if is_file else _files(fs, remote.path)
+        names = {} if is_file else listed_files(fs, remote.path)
     except InputError:
         raise
     except Exception as e:
@@ -240,16 +238,6 @@ def _planning_copy(pinned: PinnedObject, target: Path, downloads: Downloads) -> 
     return fetched
 
 
-def _files(fs, folder: str) -> dict[str, int]:
-    """A remote folder's files (not its subfolders): name -> size."""
-    entries = fs.ls(folder, detail=True)
-    return {
-        entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry.get("size") or 0
-        for entry in entries
-        if entry.get("type") != "directory"
-    }
-
-
 def _deepspeed_files(names: list[str], master_weights: bool) -> list[str]:
     """What `deepspeed.open_deepspeed_folder` reads: ZeRO-1/2's model states, or with the master
     weights (ZeRO-3's always) every rank's model and optimizer states."""
@@ -268,15 +256,9 @@ def _planned_dcp(metadata: Path, url: str, key: str | None, total: int, opening:
         raise InputError(str(e).replace(str(metadata.parent), url.rstrip("/"))) from e
     chosen, names, rule = pick_model_tensors(meta, key, url)
     prefix = f"{chosen}." if chosen else ""
-    tensors = {}
-    for name in names:
-        entry = meta.tensors[prefix + name]
-        try:
-            tensors[name] = TensorInfo(dtypes.safetensors_name(entry.dtype), tuple(entry.size))
-        except KeyError:
-            raise InputError(
-                f"{url}: tensor '{prefix + name}' has dtype {entry.dtype}, which ckptavg cannot average"
-            ) from None
+    tensors = {
+        name: entry_info(meta.tensors[prefix + name], prefix + name, url.rstrip("/")) for name in names
+    }
     left = left_out(meta, {prefix + name for name in names})
     file = HeaderOnlyFile(METADATA_NAME, url, tensors, {})
     file.notes = (

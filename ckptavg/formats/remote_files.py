@@ -325,6 +325,16 @@ class RemoteBytes:
         self.close()
 
 
+def listed_files(fs, folder: str) -> dict[str, int]:
+    """A remote folder's files (not its subfolders): name -> size."""
+    entries = fs.ls(folder, detail=True)
+    return {
+        entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry.get("size") or 0
+        for entry in entries
+        if entry.get("type") != "directory"
+    }
+
+
 def _pin(details: dict) -> dict:
     """What identifies the version of an object in its description (ETag, version id, size, ...)."""
     return {key: details[key] for key in _PIN_KEYS if details.get(key) is not None}

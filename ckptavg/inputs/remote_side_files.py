@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import InputError
-from ..formats.remote_files import RemoteObject, storage_message
+from ..formats.remote_files import RemoteObject, listed_files, storage_message
 from .folders import HF_CONFIG_NAME, is_model_side_file
 from .remote import NO_LISTING
 from .side_files import MAX_SIDE_FILE_BYTES
@@ -51,14 +51,9 @@ class RemoteSideFiles:
         folder = path.rstrip("/").rsplit("/", 1)[0]
         where = self._remote.url.rstrip("/").rsplit("/", 1)[0]
         try:
-            entries = fs.ls(folder, detail=True)
+            sizes = listed_files(fs, folder)
         except Exception as e:
             raise InputError(storage_message(where, e)) from e
-        sizes = {
-            entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry.get("size") or 0
-            for entry in entries
-            if entry.get("type") != "directory"
-        }
         if HF_CONFIG_NAME not in sizes:
             return
         self._temporary = tempfile.TemporaryDirectory(prefix="ckptavg-side-files-")
