@@ -72,3 +72,17 @@ def test_averages_inspects_and_plans(tmp_path, bare_ckptavg):
     planned = run(bare_ckptavg, "swa", "ckpts/*", "--dry-run", cwd=tmp_path).stdout
     assert "swa over 4 checkpoints" in planned and "dry run: nothing written" in planned
     assert sys.executable not in bare_ckptavg.read_text()  # the command runs the fresh environment
+
+
+def test_a_url_without_its_extra_says_what_to_install(tmp_path, bare_ckptavg):
+    done = subprocess.run(
+        [bare_ckptavg, "swa", "s3://runs/step_*/", "-o", "swa.safetensors"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "error: s3://runs/step_*/: reading s3:// URLs needs its fsspec library: pip install 'ckptavg[s3]'"
+    )
